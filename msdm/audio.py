@@ -1,0 +1,159 @@
+"""Audio I/O (soundfile), mono downmix, resampling (torchaudio), segmenting and overlap-add.
+
+Arrays are float32 numpy, channels first: [C, T]. Long signals are cut into fixed-length segments
+with context margins; each segment's core (margins dropped) is cross-faded with its neighbours by
+linear ramps whose weights sum to exactly one, so an identity model reconstructs its input and
+Dirac-separated stems still sum to the mixture (the demucs overlap-add, plus Apollo-style margins).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio.functional as AF
+
+
+class AudioError(ValueError):
+    """Unreadable, empty or otherwise unusable audio."""
+
+
+def read_audio(source, name: str | None = None) -> tuple[np.ndarray, int]:
+    """Decode any soundfile format (wav, flac, ogg, mp3, ...) to float32 [C, T] and its rate."""
+    name = name or (str(source) if isinstance(source, (str, Path)) else "audio stream")
+    if isinstance(source, bytes):
+        source = io.BytesIO(source)
+    try:
+        data, sr = sf.read(source, dtype="float32", always_2d=True)
+    except Exception as e:  # soundfile raises LibsndfileError/RuntimeError/TypeError
+        raise AudioError(f"{name}: cannot decode audio ({type(e).__name__}: {e})") from e
+    if data.shape[0] == 0:
+        raise AudioError(f"{name}: zero-length audio")
+    if not np.isfinite(data).all():
+        raise AudioError(f"{name}: audio contains NaN or infinite samples")
+    return np.ascontiguousarray(data.T), int(sr)
+
+
+def audio_info(source) -> tuple[int, int, int]:
+    """(frames, sample_rate, channels) without decoding."""
+    try:
+        info = sf.info(source)
+    except Exception as e:
+        raise AudioError(f"{source}: cannot read audio header ({e})") from e
+    return info.frames, info.samplerate, info.channels
+
+
+def to_mono(x: np.ndarray) -> np.ndarray:
+    """[C, T] -> [T] by averaging channels (no gain change for mono files)."""
+    if x.ndim == 1:
+        return x
+    return x.mean(axis=0, dtype=np.float32) if x.shape[0] > 1 else x[0]
+
+
+def resample(x, orig_sr: int, new_sr: int):
+    """Band-limited sinc resampling (torchaudio, Kaiser window) along the last axis."""
+    if orig_sr == new_sr:
+        return x
+    is_np = isinstance(x, np.ndarray)
+    t = torch.from_numpy(np.ascontiguousarray(x)) if is_np else x
+    out = AF.resample(t.float(), int(orig_sr), int(new_sr), lowpass_filter_width=16,
+                      rolloff=0.95, resampling_method="sinc_interp_kaiser", beta=14.77)
+    return out.numpy() if is_np else out
+
+
+def write_audio(target, x: np.ndarray, sample_rate: int, fmt: str = "wav",
+                subtype: str | None = None) -> None:
+    """Write [C, T] or [T] audio; paths are written to a temp name, then renamed."""
+    data = np.asarray(x, dtype=np.float32)
+    data = data[None] if data.ndim == 1 else data
+    subtype = subtype or ("PCM_24" if fmt == "flac" else "FLOAT")
+    if fmt == "flac" and subtype == "FLOAT":
+        raise AudioError("FLAC cannot store float samples; use PCM_16 or PCM_24")
+    if isinstance(target, (str, Path)):
+        path = Path(target)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        sf.write(tmp, data.T, sample_rate, format=fmt.upper(), subtype=subtype)
+        tmp.replace(path)
+    else:
+        sf.write(target, data.T, sample_rate, format=fmt.upper(), subtype=subtype)
+
+
+@dataclass(frozen=True)
+class SegmentPlan:
+    """Segments of `segment` samples whose cores (margins dropped) overlap by `overlap`."""
+
+    num_samples: int
+    segment: int
+    margin: int
+    overlap: int
+
+    def __post_init__(self):
+        core = self.segment - 2 * self.margin
+        if self.num_samples < 1:
+            raise ValueError("cannot segment an empty signal")
+        if core <= self.overlap or self.margin < 0 or self.overlap < 0:
+            raise ValueError(f"segment {self.segment} too short for margin {self.margin} and "
+                             f"overlap {self.overlap}: need segment > 2 * margin + overlap")
+
+    @property
+    def core(self) -> int:
+        return self.segment - 2 * self.margin
+
+    @property
+    def hop(self) -> int:
+        return self.core - self.overlap
+
+    @property
+    def num_segments(self) -> int:
+        return max(1, math.ceil((self.num_samples - self.core) / self.hop) + 1)
+
+    def start(self, j: int) -> int:
+        """Start of segment j in signal samples (negative: zero padding on the left)."""
+        return j * self.hop - self.margin
+
+    def weights(self, j: int) -> np.ndarray:
+        """[segment] cross-fade weights of segment j; over all segments they sum to 1."""
+        w = np.zeros(self.segment, dtype=np.float32)
+        core = np.ones(self.core, dtype=np.float32)
+        if self.overlap:
+            ramp = (np.arange(self.overlap, dtype=np.float32) + 0.5) / self.overlap
+            if j > 0:
+                core[: self.overlap] = ramp
+            if j < self.num_segments - 1:
+                core[-self.overlap :] = ramp[::-1]
+        w[self.margin : self.margin + self.core] = core
+        return w
+
+
+def extract_segment(x: np.ndarray, plan: SegmentPlan, j: int) -> np.ndarray:
+    """Segment j of x [..., T] as [..., segment], zero-padded outside the signal."""
+    start = plan.start(j)
+    out = np.zeros(x.shape[:-1] + (plan.segment,), dtype=np.float32)
+    lo, hi = max(start, 0), min(start + plan.segment, x.shape[-1])
+    if hi > lo:
+        out[..., lo - start : hi - start] = x[..., lo:hi]
+    return out
+
+
+def overlap_add(segments, plan: SegmentPlan) -> np.ndarray:
+    """Cross-fade segment outputs [..., segment] (in order) back into [..., T]."""
+    out = None
+    for j, seg in enumerate(segments):
+        seg = np.asarray(seg, dtype=np.float32)
+        if out is None:
+            out = np.zeros(seg.shape[:-1] + (plan.num_samples,), dtype=np.float32)
+        start = plan.start(j)
+        lo, hi = max(start, 0), min(start + plan.segment, plan.num_samples)
+        if hi > lo:
+            w = plan.weights(j)[lo - start : hi - start]
+            out[..., lo:hi] += seg[..., lo - start : hi - start] * w
+    if out is None:
+        raise ValueError("overlap_add got no segments")
+    return out

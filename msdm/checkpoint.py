@@ -1,0 +1,133 @@
+"""Checkpoints: {format_version, config, model, ema, step, optimizer, extra} as plain tensors.
+
+Files load with `torch.load(weights_only=True)`: no pickled classes, so renaming code never breaks
+them. `format_version` is bumped when the layout changes. Paths or binary file objects are accepted
+(pipelines open `s3://` URIs and hand the file object over).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import Config, ConfigError
+from .diffusion import Denoiser, FactorizedDenoiser, GaussianDenoiser
+from .model import build_network
+
+FORMAT_VERSION = 1
+ISDM_S_CHURN = 40.0  # paper: ISDM Dirac separation uses S_churn 40 (MSDM: 20)
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A file that is not a readable msdm checkpoint."""
+
+
+def build_denoiser(cfg: Config, num_stems: int | None = None) -> nn.Module:
+    """An untrained denoiser for `cfg` (model.kind "unet" or "gaussian")."""
+    s = num_stems or cfg.num_stems
+    if cfg.model.kind == "gaussian":
+        return GaussianDenoiser(torch.eye(s, dtype=torch.float64) * cfg.diffusion.sigma_data**2)
+    return Denoiser(build_network(cfg.model, s), cfg.diffusion.sigma_data, cfg.diffusion.clamp)
+
+
+def save(target, cfg: Config, model: nn.Module, ema: nn.Module | None = None, step: int = 0,
+         optimizer: torch.optim.Optimizer | None = None, extra: dict | None = None) -> None:
+    """Write a checkpoint to a path or binary file object. Paths are written then renamed."""
+    state = {
+        "format_version": FORMAT_VERSION,
+        "config": cfg.to_dict(),
+        "model": _unwrap(model).state_dict(),
+        "ema": _unwrap(ema).state_dict() if ema is not None else None,
+        "step": int(step),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "extra": extra or {},
+    }
+    if isinstance(target, (str, Path)):
+        path = Path(target)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)
+    else:
+        torch.save(state, target)
+
+
+def _unwrap(m: nn.Module) -> nn.Module:
+    return getattr(m, "module", m)  # DDP
+
+
+def load_state(source, map_location="cpu") -> dict:
+    """Read and validate a checkpoint dict; a corrupt or foreign file raises CheckpointError."""
+    name = str(source) if isinstance(source, (str, Path)) else "checkpoint stream"
+    if isinstance(source, (str, Path)) and not Path(source).exists():
+        raise CheckpointError(f"{name}: no such checkpoint file")
+    if isinstance(source, bytes):
+        source = io.BytesIO(source)
+    try:
+        state = torch.load(source, map_location=map_location, weights_only=True)
+    except Exception as e:  # zip/pickle errors differ by torch version; all mean "not ours"
+        raise CheckpointError(f"{name} is not a readable msdm checkpoint "
+                              f"({type(e).__name__}: {str(e)[:200]})") from e
+    if not isinstance(state, dict) or "format_version" not in state or "config" not in state:
+        raise CheckpointError(f"{name} is not an msdm checkpoint (missing format_version/config)")
+    if state["format_version"] > FORMAT_VERSION:
+        raise CheckpointError(f"{name} has format_version {state['format_version']}; this msdm "
+                              f"reads up to {FORMAT_VERSION}: upgrade msdm")
+    try:
+        state["config"] = Config.from_dict(state["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"{name}: stored config does not match this msdm: {e}") from e
+    return state
+
+
+def load_checkpoint(source, use_ema: bool = True, map_location="cpu"):
+    """Load a checkpoint as (cfg, denoiser) in eval mode, EMA weights by default."""
+    state = load_state(source, map_location)
+    cfg: Config = state["config"]
+    denoiser = build_denoiser(cfg)
+    weights = state["ema"] if use_ema and state.get("ema") is not None else state["model"]
+    try:
+        denoiser.load_state_dict(weights)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint weights do not fit its config: {str(e)[:300]}") from e
+    return cfg, denoiser.to(map_location).eval().requires_grad_(False)
+
+
+def load_factorized(sources: dict[str, object], stems, map_location="cpu"):
+    """ISDM: one single-stem checkpoint per stem -> (joint cfg, FactorizedDenoiser).
+
+    `sources` maps stem name -> path/file. Every stem in `stems` must be given, each checkpoint
+    must be a single-stem prior of that stem, and all must share one sample rate.
+    """
+    missing = [s for s in stems if s not in sources]
+    extra = [s for s in sources if s not in stems]
+    if missing or extra:
+        raise CheckpointError(f"ISDM needs one checkpoint per stem {list(stems)}; "
+                              f"missing {missing}, unexpected {extra}")
+    parts, cfgs = [], []
+    for stem in stems:
+        cfg, den = load_checkpoint(sources[stem], map_location=map_location)
+        if cfg.train.stem != stem:
+            got = cfg.train.stem or "a joint model of " + ",".join(cfg.data.stems)
+            raise CheckpointError(f"checkpoint given for stem {stem!r} is a prior of {got}")
+        parts.append(den)
+        cfgs.append(cfg)
+    rates = {c.data.sample_rate for c in cfgs}
+    if len(rates) > 1:
+        raise CheckpointError(f"ISDM checkpoints disagree on data.sample_rate: {sorted(rates)}")
+    chunks = {c.data.chunk_samples for c in cfgs}
+    if len(chunks) > 1:
+        raise CheckpointError(f"ISDM checkpoints disagree on data.chunk_samples: {sorted(chunks)}")
+    base = cfgs[0]
+    cfg = dataclasses.replace(
+        base,
+        data=dataclasses.replace(base.data, stems=tuple(stems)),
+        train=dataclasses.replace(base.train, stem=""),
+        sampler=dataclasses.replace(base.sampler, s_churn=ISDM_S_CHURN),
+    )
+    return cfg, FactorizedDenoiser(parts).eval()

@@ -1,0 +1,237 @@
+"""1-D U-Net backbone F(x, c_noise) of MSDM (audio-diffusion-pytorch v0.0.43 `UNet1d`; App. C).
+
+Patching, strided down/up levels, ResNet blocks with FiLM on the noise embedding, attention on the
+deepest levels and in the bottleneck, skips scaled by 2**-0.5. Knows nothing about sigma: the EDM
+preconditioning lives in `msdm.diffusion.Denoiser`. Shapes: x [B, C, T] -> [B, C, T], c_noise [B].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Model
+
+
+def _groups(channels: int, wanted: int) -> int:
+    return math.gcd(channels, wanted)
+
+
+class NoiseEmbedding(nn.Module):
+    """Learned Fourier features of c_noise -> mapping vector (ADP `to_time` + `to_mapping`)."""
+
+    def __init__(self, channels: int, features: int):
+        super().__init__()
+        self.weights = nn.Parameter(torch.randn(channels // 2))
+        self.mlp = nn.Sequential(
+            nn.Linear(channels + 1, features), nn.GELU(),
+            nn.Linear(features, features), nn.GELU(),
+            nn.Linear(features, features), nn.GELU(),
+        )
+
+    def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
+        c = c_noise[:, None].float()  # [B, 1]
+        freqs = c * self.weights[None] * 2 * math.pi  # [B, channels/2]
+        return self.mlp(torch.cat([c, freqs.sin(), freqs.cos()], dim=-1))  # [B, features]
+
+
+class ResnetBlock(nn.Module):
+    """GN -> SiLU -> Conv3 -> GN -> FiLM -> SiLU -> Conv3, plus a (1x1) residual."""
+
+    def __init__(self, c_in: int, c_out: int, groups: int, features: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(_groups(c_in, groups), c_in)
+        self.conv1 = nn.Conv1d(c_in, c_out, 3, padding=1)
+        self.film = nn.Sequential(nn.SiLU(), nn.Linear(features, 2 * c_out))
+        self.norm2 = nn.GroupNorm(_groups(c_out, groups), c_out)
+        self.conv2 = nn.Conv1d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor, mapping: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.film(mapping)[:, :, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(F.silu(h))
+        return h + self.skip(x)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over time: LN -> q, kv -> softmax -> Linear -> LN. No positions."""
+
+    def __init__(self, channels: int, heads: int, head_features: int):
+        super().__init__()
+        mid = heads * head_features
+        self.heads = heads
+        self.norm = nn.LayerNorm(channels, bias=False)
+        self.to_q = nn.Linear(channels, mid, bias=False)
+        self.to_kv = nn.Linear(channels, 2 * mid, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(mid, channels), nn.LayerNorm(channels, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, N, C]
+        h = self.norm(x)
+        q, k, v = (self.to_q(h), *self.to_kv(h).chunk(2, dim=-1))
+        b, n, _ = q.shape
+        q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, N, d]
+        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class TransformerBlock(nn.Module):
+    """x + Attn(x); x + FF(x), FF = LN -> Linear(C, mC) -> GELU -> LN -> Linear(mC, C)."""
+
+    def __init__(self, channels: int, heads: int, head_features: int, multiplier: int):
+        super().__init__()
+        mid = channels * multiplier
+        self.attention = Attention(channels, heads, head_features)
+        self.ff = nn.Sequential(
+            nn.LayerNorm(channels, bias=False),
+            nn.Linear(channels, mid, bias=False),
+            nn.GELU(),
+            nn.LayerNorm(mid, bias=False),
+            nn.Linear(mid, channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, C, N]
+        h = x.transpose(1, 2)  # [B, N, C]
+        h = h + self.attention(h)
+        h = h + self.ff(h)
+        return h.transpose(1, 2)
+
+
+class DownLevel(nn.Module):
+    def __init__(self, c_in, c_out, factor, num_blocks, attention, cfg: Model, features):
+        super().__init__()
+        k = cfg.kernel_multiplier_downsample * factor
+        self.down = nn.Conv1d(c_in, c_out, k + 1, stride=factor, padding=k // 2)
+        self.blocks = nn.ModuleList(
+            ResnetBlock(c_out, c_out, cfg.resnet_groups, features) for _ in range(num_blocks)
+        )
+        self.attn = (
+            TransformerBlock(c_out, cfg.attention_heads, cfg.attention_features,
+                             cfg.attention_multiplier) if attention else None
+        )
+
+    def forward(self, x, mapping, skips: list):
+        x = self.down(x)
+        for block in self.blocks:
+            x = block(x, mapping)
+            skips.append(x)
+        if self.attn is not None:
+            x = self.attn(x)
+            skips.append(x)
+        return x
+
+
+class UpLevel(nn.Module):
+    def __init__(self, c_in, c_out, factor, num_blocks, attention, cfg: Model, features):
+        super().__init__()
+        n = num_blocks + (1 if attention else 0)  # one block per skip pushed on the way down
+        self.blocks = nn.ModuleList(
+            ResnetBlock(2 * c_in, c_in, cfg.resnet_groups, features) for _ in range(n)
+        )
+        self.attn = (
+            TransformerBlock(c_in, cfg.attention_heads, cfg.attention_features,
+                             cfg.attention_multiplier) if attention else None
+        )
+        self.up = nn.ConvTranspose1d(c_in, c_out, 2 * factor, stride=factor,
+                                     padding=factor // 2 + factor % 2, output_padding=factor % 2)
+        self.skip_scale = 2**-0.5 if cfg.use_skip_scale else 1.0
+
+    def forward(self, x, mapping, skips: list):
+        for block in self.blocks:
+            x = block(torch.cat([x, skips.pop() * self.skip_scale], dim=1), mapping)
+        if self.attn is not None:
+            x = self.attn(x)
+        return self.up(x)
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, channels, cfg: Model, features):
+        super().__init__()
+        self.pre = ResnetBlock(channels, channels, cfg.resnet_groups, features)
+        self.attn = (
+            Attention(channels, cfg.attention_heads, cfg.attention_features)
+            if cfg.use_attention_bottleneck else None
+        )
+        self.residual = cfg.bottleneck_residual
+        self.post = ResnetBlock(channels, channels, cfg.resnet_groups, features)
+
+    def forward(self, x, mapping):
+        x = self.pre(x, mapping)
+        if self.attn is not None:
+            h = self.attn(x.transpose(1, 2)).transpose(1, 2)
+            x = x + h if self.residual else h
+        return self.post(x, mapping)
+
+
+class UNet1d(nn.Module):
+    """MSDM score network F(x, c_noise): x [B, S, T] -> [B, S, T]."""
+
+    def __init__(self, in_channels: int, cfg: Model):
+        super().__init__()
+        n = len(cfg.factors)
+        if not (len(cfg.multipliers) == n + 1 and len(cfg.num_blocks) == n == len(cfg.attentions)):
+            raise ValueError(
+                "model config: need len(multipliers) == len(factors) + 1 == len(num_blocks) + 1 "
+                f"== len(attentions) + 1, got {len(cfg.multipliers)}, {len(cfg.factors)}, "
+                f"{len(cfg.num_blocks)}, {len(cfg.attentions)}"
+            )
+        c, p = cfg.channels, cfg.patch_factor
+        if c % p:
+            raise ValueError(f"model.channels ({c}) must be divisible by model.patch_factor ({p})")
+        features = 4 * c
+        self.in_channels = in_channels
+        self.patch_factor = p
+        self.multiple = p * math.prod(cfg.factors)
+        self.embed = NoiseEmbedding(c, features)
+        self.patch_in = ResnetBlock(in_channels, c // p, cfg.resnet_groups, features)
+        chans = [c * m for m in cfg.multipliers]
+        self.downs = nn.ModuleList(
+            DownLevel(chans[i], chans[i + 1], cfg.factors[i], cfg.num_blocks[i],
+                      cfg.attentions[i], cfg, features) for i in range(n)
+        )
+        self.bottleneck = Bottleneck(chans[-1], cfg, features)
+        self.ups = nn.ModuleList(
+            UpLevel(chans[i + 1], chans[i], cfg.factors[i], cfg.num_blocks[i],
+                    cfg.attentions[i], cfg, features) for i in reversed(range(n))
+        )
+        self.patch_out = ResnetBlock(c // p, in_channels, cfg.resnet_groups, features)
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 3 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected x of shape [B, {self.in_channels}, T], "
+                             f"got {tuple(x.shape)}")
+        b, _, t = x.shape
+        if t % self.multiple:
+            raise ValueError(
+                f"length {t} is not a multiple of {self.multiple} (patch_factor x prod(factors)); "
+                f"pad or crop to a multiple of {self.multiple}"
+            )
+        mapping = self.embed(c_noise.reshape(-1).expand(b))  # [B, 4C]
+        h = self.patch_in(x, mapping)  # [B, C/p, T]
+        h = h.reshape(b, -1, t // self.patch_factor, self.patch_factor)
+        h = h.permute(0, 1, 3, 2).reshape(b, -1, t // self.patch_factor)  # [B, C, T/p]
+        outer = h
+        skips: list[torch.Tensor] = []
+        for level in self.downs:
+            h = level(h, mapping, skips)
+        h = self.bottleneck(h, mapping)
+        for level in self.ups:
+            h = level(h, mapping, skips)
+        h = h + outer
+        h = h.reshape(b, -1, self.patch_factor, t // self.patch_factor)
+        h = h.permute(0, 1, 3, 2).reshape(b, -1, t)  # [B, C/p, T]
+        return self.patch_out(h, mapping)
+
+
+def build_network(cfg: Model, in_channels: int) -> nn.Module:
+    if cfg.kind != "unet":
+        raise ValueError(f"build_network builds U-Nets; model.kind is {cfg.kind!r}")
+    return UNet1d(in_channels, cfg)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,80 @@
+"""Training loop pieces: optimizer, one EDM training step, deterministic validation loss.
+
+No DDP and no Ray here: `pipelines/train.py` wraps these in Ray Train. Paper Sec. 3.1: Adam
+1e-4, betas (0.9, 0.99), per-example sigma with ln sigma ~ N(-3, 1), bf16 autocast on GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+from torch import nn
+
+from .config import Config
+from .diffusion import edm_loss, ema_update, sample_training_sigmas
+
+
+def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    t = cfg.train
+    return torch.optim.Adam(model.parameters(), lr=t.lr, betas=t.betas, eps=t.eps,
+                            weight_decay=t.weight_decay)
+
+
+def make_ema(model: nn.Module) -> nn.Module:
+    ema = copy.deepcopy(getattr(model, "module", model))
+    return ema.eval().requires_grad_(False)
+
+
+def autocast(device: torch.device, enabled: bool = True):
+    """bf16 autocast on CUDA (paper: Lightning "bf16"); a no-op on CPU."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_step(denoiser: nn.Module, x: torch.Tensor, optimizer: torch.optim.Optimizer,
+               cfg: Config, generator: torch.Generator | None = None,
+               ema: nn.Module | None = None) -> torch.Tensor:
+    """One optimisation step on a batch x [B, S, T]; returns the (detached) mean loss."""
+    if x.ndim != 3:
+        raise ValueError(f"training batch must be [B, S, T], got {tuple(x.shape)}")
+    d = cfg.diffusion
+    sigma = sample_training_sigmas(x.shape[0], d.p_mean, d.p_std, generator).to(x.device)
+    noise = torch.randn(x.shape, generator=generator).to(x.device)
+    with autocast(x.device, cfg.train.bf16):
+        loss = edm_loss(denoiser, x, sigma, noise, d.sigma_data).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.train.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(denoiser.parameters(), cfg.train.grad_clip)
+    optimizer.step()
+    if ema is not None:
+        ema_update(ema, getattr(denoiser, "module", denoiser), cfg.train.ema_decay)
+    return loss.detach()
+
+
+@torch.no_grad()
+def validation_loss(denoiser: nn.Module, x: torch.Tensor, cfg: Config,
+                    batch_size: int = 8) -> dict[str, float]:
+    """Loss on fixed chunks x [N, S, T] at each sigma of `train.val_sigmas`, with fixed noise.
+
+    Deterministic for given weights and chunks, so checkpoint selection means something.
+    Returns {"val_loss": mean over the grid, "val_loss@<sigma>": ...}.
+    """
+    d = cfg.diffusion
+    out: dict[str, float] = {}
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    for s in cfg.train.val_sigmas:
+        total, n = 0.0, 0
+        for i in range(0, x.shape[0], batch_size):
+            xb = x[i : i + batch_size]
+            noise = torch.randn(xb.shape, generator=gen).to(xb.device)
+            sigma = torch.full((xb.shape[0],), s, device=xb.device)
+            with autocast(xb.device, cfg.train.bf16):
+                total += float(edm_loss(denoiser, xb, sigma, noise, d.sigma_data).sum())
+            n += xb.shape[0]
+        out[f"val_loss@{s:g}"] = total / max(n, 1)
+    out["val_loss"] = sum(out.values()) / len(cfg.train.val_sigmas)
+    return out

@@ -1,0 +1,136 @@
+"""Shared fixtures: tiny config, synthetic stems, the exact Gaussian denoiser, a local Ray
+cluster and an S3 server on loopback (moto_server)."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from msdm.config import get_preset
+from msdm.diffusion import GaussianDenoiser
+
+# A 4-stem prior with distinct variances and correlations (variance ~ sigma_data^2).
+COV = torch.tensor(
+    [[0.040, 0.020, 0.010, 0.015],
+     [0.020, 0.050, 0.012, 0.010],
+     [0.010, 0.012, 0.030, 0.020],
+     [0.015, 0.010, 0.020, 0.045]], dtype=torch.float64)
+
+
+@pytest.fixture
+def tiny_cfg():
+    return get_preset("tiny")
+
+
+@pytest.fixture
+def cov():
+    return COV.clone()
+
+
+@pytest.fixture
+def gaussian_denoiser():
+    return GaussianDenoiser(COV)
+
+
+def gaussian_samples(cov: torch.Tensor, batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    """x ~ N(0, cov) i.i.d. over time: [B, S, T] float32."""
+    g = torch.Generator().manual_seed(seed)
+    chol = torch.linalg.cholesky(cov)
+    z = torch.randn(batch, cov.shape[0], length, generator=g, dtype=torch.float64)
+    return (chol @ z).float()
+
+
+@pytest.fixture
+def synthetic_stems():
+    """Sines and noise: [2, 4, 4096] at 22.05 kHz, amplitude ~0.3."""
+    t = torch.arange(4096) / 22050
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for b in range(2):
+        rows.append(torch.stack([
+            0.3 * torch.sin(2 * math.pi * 55 * (b + 1) * t),
+            0.2 * torch.randn(4096, generator=g) * (torch.arange(4096) % 2048 < 256),
+            0.25 * torch.sin(2 * math.pi * 330 * (b + 1) * t),
+            0.2 * torch.sin(2 * math.pi * 440 * (b + 1) * t) * torch.exp(-t * 8),
+        ]))
+    return torch.stack(rows)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API (moto_server) on 127.0.0.1; sets the standard AWS env variables."""
+    port = free_port()
+    exe = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or "moto_server"
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:
+        try:
+            urllib.request.urlopen(url + "/moto-api/", timeout=1)
+            break
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("moto_server did not start") from None
+            time.sleep(0.2)
+    env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_REGION": "us-east-1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield url
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    import boto3
+
+    name = f"bkt-{time.time_ns() % 10**9}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
+    """One private local Ray cluster for the whole run (S3 env exported before init)."""
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=tmp,
+             configure_logging=False, log_to_driver=True)
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def tmp_dir(tmp_path) -> Path:
+    return tmp_path

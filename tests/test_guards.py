@@ -1,0 +1,62 @@
+"""Import-direction and layout guards (style C5, C9)."""
+
+import ast
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PIPELINES = sorted(p.stem for p in (ROOT / "pipelines").glob("*.py")
+                   if p.stem not in ("__init__", "common", "stages", "storage", "report"))
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_msdm_never_imports_ray_pipelines_or_tests():
+    bad = {str(p.relative_to(ROOT)): _imports(p) & {"ray", "pipelines", "tests"}
+           for p in (ROOT / "msdm").rglob("*.py")}
+    assert {k: v for k, v in bad.items() if v} == {}
+
+
+def test_import_msdm_works_with_ray_blocked():
+    code = "import sys; sys.modules['ray'] = None; import msdm, msdm.audio, msdm.data, " \
+           "msdm.training, msdm.metrics; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    out = subprocess.run([sys.executable, "-c", "import msdm, sys; print('ray' in sys.modules)"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.stdout.strip() == "False"
+
+
+def test_entrypoints_do_not_import_each_other():
+    for name in PIPELINES:
+        tree = ast.parse((ROOT / "pipelines" / f"{name}.py").read_text())
+        used = set()
+        for n in ast.walk(tree):
+            if isinstance(n, ast.ImportFrom) and n.module:
+                mod = n.module.removeprefix("pipelines.") if n.level == 0 else n.module
+                used |= {mod} | {a.name for a in n.names if mod == "pipelines"}
+            elif isinstance(n, ast.Import):
+                used |= {a.name.removeprefix("pipelines.") for a in n.names}
+        clash = used & (set(PIPELINES) - {name})
+        assert not clash, f"pipelines/{name}.py imports entrypoint(s) {clash}"
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_every_pipeline_exposes_main_argv(name):
+    mod = importlib.import_module(f"pipelines.{name}")
+    assert callable(mod.main)
+    assert "argv" in mod.main.__code__.co_varnames[: mod.main.__code__.co_argcount]
+    assert mod.__doc__ and "python -m pipelines." in mod.__doc__

@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+from msdm.checkpoint import build_denoiser
+from msdm.config import Config, apply_overrides
+from msdm.diffusion import edm_loss
+from msdm.model import UNet1d, build_network, count_parameters
+from msdm.training import make_optimizer
+
+
+def test_paper_model_has_405m_parameters():
+    with torch.device("meta"):
+        net = build_network(Config().model, 4)
+    n = count_parameters(net)
+    print(f"paper U-Net: {n / 1e6:.2f} M parameters (paper: 405 M)")
+    assert abs(n - 405e6) / 405e6 < 0.03
+
+
+@pytest.mark.parametrize("stems", [1, 4])
+def test_shapes_hold_for_isdm_and_msdm(tiny_cfg, stems):
+    net = UNet1d(stems, tiny_cfg.model)
+    x = torch.randn(3, stems, 4096)
+    assert net(x, torch.zeros(3)).shape == (3, stems, 4096)
+    assert net(x, torch.tensor(0.5)).shape == (3, stems, 4096)  # scalar c_noise broadcasts
+
+
+def test_length_not_multiple_names_the_multiple(tiny_cfg):
+    net = UNet1d(4, tiny_cfg.model)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        net(torch.randn(1, 4, 4000), torch.zeros(1))
+    with pytest.raises(ValueError, match=r"\[B, 4, T\]"):
+        net(torch.randn(1, 3, 4096), torch.zeros(1))
+
+
+def test_paper_total_downsampling_is_8192():
+    with torch.device("meta"):
+        assert build_network(Config().model, 4).multiple == 16 * 4 * 4 * 4 * 2 * 2 * 2
+
+
+def test_inconsistent_level_config_is_rejected(tiny_cfg):
+    bad = apply_overrides(tiny_cfg, {"model.factors": [4, 4, 4]})
+    with pytest.raises(ValueError, match="len"):
+        UNet1d(4, bad.model)
+
+
+def test_tiny_unet_overfits_one_batch(tiny_cfg, synthetic_stems):
+    """Fixed batch, sigma and noise: the loss must fall more than 10x in well under a minute."""
+    torch.manual_seed(0)
+    den = build_denoiser(apply_overrides(tiny_cfg, {"train.lr": 3e-3}))
+    opt = make_optimizer(den, apply_overrides(tiny_cfg, {"train.lr": 3e-3}))
+    g = torch.Generator().manual_seed(0)
+    x = synthetic_stems
+    sigma, noise = torch.full((x.shape[0],), 0.2), torch.randn(x.shape, generator=g)
+    losses = []
+    for _ in range(400):
+        loss = edm_loss(den, x, sigma, noise, 0.2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    first, last = losses[0], min(losses[-20:])
+    print(f"overfit: loss {first:.3f} -> {last:.4f} ({first / last:.1f}x)")
+    assert first / last > 10

@@ -1,0 +1,140 @@
+"""Generation, imputation and separation against the exact Gaussian oracle."""
+
+import pytest
+import torch
+from conftest import COV, gaussian_samples
+
+import msdm
+from msdm.diffusion import FactorizedDenoiser, GaussianDenoiser, gaussian_conditional
+from msdm.tasks import item_generators, project
+
+B, T = 8, 4096
+
+
+def _stem_cov(x):
+    s = x.shape[1]
+    return torch.cov(x.permute(1, 0, 2).reshape(s, -1).double())
+
+
+def test_generation_reproduces_prior_covariance(gaussian_denoiser):
+    cfg = msdm.SamplerConfig(num_steps=150, sigma_max=20.0, s_churn=20.0, resamples=1,
+                             solver="heun")
+    x = msdm.generate(gaussian_denoiser, (B, 4, T), cfg, generator=torch.Generator().manual_seed(0))
+    emp = _stem_cov(x)
+    var_ratio = emp.diagonal() / COV.diagonal()
+    corr = emp / emp.diagonal().sqrt()[:, None] / emp.diagonal().sqrt()[None]
+    ref_corr = COV / COV.diagonal().sqrt()[:, None] / COV.diagonal().sqrt()[None]
+    print("generated/prior variance per stem:", [f"{v:.3f}" for v in var_ratio])
+    print("max correlation error:", f"{(corr - ref_corr).abs().max():.4f}")
+    assert ((var_ratio - 1).abs() < 0.05).all()
+    assert (corr - ref_corr).abs().max() < 0.03
+
+
+@pytest.mark.parametrize("likelihood", ["dirac", "gaussian"])
+def test_separation_regression_matches_posterior_mean(gaussian_denoiser, likelihood):
+    """E[x | y] = Sig 1 / (1' Sig 1) y for y = sum(x), x ~ N(0, Sig)."""
+    x = gaussian_samples(COV, B, T, seed=1)
+    mixture = x.sum(1, keepdim=True)
+    est = msdm.separate(gaussian_denoiser, mixture, 4, msdm.SamplerConfig(),
+                        likelihood=likelihood, generator=torch.Generator().manual_seed(2))
+    y = mixture.reshape(-1).double()
+    coef = est.permute(1, 0, 2).reshape(4, -1).double() @ y / (y @ y)
+    one = torch.ones(4, dtype=torch.float64)
+    ref = COV @ one / (one @ COV @ one)
+    print(f"{likelihood}: regression {coef.numpy().round(4)} "
+          f"vs Sig1/(1'Sig1) {ref.numpy().round(4)}")
+    assert (coef - ref).abs().max() < 0.03
+    if likelihood == "dirac":
+        assert (est.sum(1, keepdim=True) - mixture).abs().max() < 1e-5
+
+
+def test_dirac_separation_sums_to_mixture_for_every_constrained_stem(gaussian_denoiser):
+    mixture = gaussian_samples(COV, 2, 512, seed=3).sum(1, keepdim=True)
+    cfg = msdm.SamplerConfig(num_steps=10, resamples=2)
+    for k in range(4):
+        est = msdm.separate(gaussian_denoiser, mixture, 4, cfg, constrained=k)
+        assert (est.sum(1, keepdim=True) - mixture).abs().max() < 1e-5
+
+
+def test_imputation_keeps_known_stems_and_pulls_toward_conditional_mean(gaussian_denoiser):
+    x = gaussian_samples(COV, B, T, seed=4)
+    known = [True, False, True, False]
+    k = torch.tensor(known)
+    a, _ = gaussian_conditional(COV, known)
+    cond_mean = torch.einsum("uk,bkt->but", a, x[:, k].double())
+    cfg = msdm.SamplerConfig(num_steps=256, sigma_max=20.0, s_churn=10.0, resamples=1)
+    betas = {}
+    for method in ("replace", "guidance"):
+        out = msdm.impute(gaussian_denoiser, x, known, cfg, method=method,
+                          generator=torch.Generator().manual_seed(5))
+        assert torch.equal(out[:, k], x[:, k])
+        xu = out[:, ~k].double()
+        betas[method] = ((xu * cond_mean).sum() / (cond_mean * cond_mean).sum()).item()
+    print("regression of imputed stems on E[x_u | x_k] (1 = exact posterior, 0 = unconditional):",
+          {m: round(b, 3) for m, b in betas.items()})
+    assert 0.1 < betas["replace"] < 0.9
+    assert betas["guidance"] > betas["replace"]
+
+
+def test_seeded_batch_equals_items_one_by_one(gaussian_denoiser):
+    mixture = gaussian_samples(COV, 3, 256, seed=6).sum(1, keepdim=True)
+    cfg = msdm.SamplerConfig(num_steps=6, resamples=2)
+    seeds = [11, 22, 33]
+    batch = msdm.separate(gaussian_denoiser, mixture, 4, cfg, generator=item_generators(seeds))
+    for i, s in enumerate(seeds):
+        one = msdm.separate(gaussian_denoiser, mixture[i : i + 1], 4, cfg,
+                            generator=item_generators([s]))
+        assert torch.allclose(batch[i : i + 1], one, atol=1e-6)
+
+
+def test_isdm_factorized_equals_joint_independent_prior():
+    var = torch.tensor([0.04, 0.02, 0.03, 0.05], dtype=torch.float64)
+    fact = FactorizedDenoiser([GaussianDenoiser(v.reshape(1, 1)) for v in var])
+    joint = GaussianDenoiser(torch.diag(var))
+    x = torch.randn(3, 4, 100)
+    sigma = torch.tensor([0.01, 0.3, 5.0])
+    assert torch.allclose(fact(x, sigma), joint(x, sigma), atol=1e-6)
+    cfg = msdm.SamplerConfig(num_steps=8)
+    mix = x.sum(1, keepdim=True) * 0.1
+    a = msdm.separate(fact, mix, 4, cfg, generator=torch.Generator().manual_seed(0))
+    b = msdm.separate(joint, mix, 4, cfg, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_project_is_pure_and_exact():
+    x = torch.randn(2, 4, 10)
+    mix = torch.randn(2, 1, 10)
+    before = x.clone()
+    z = project(x, mix, 2)
+    assert torch.equal(x, before)
+    assert torch.allclose(z.sum(1, keepdim=True), mix, atol=1e-6)
+    assert torch.equal(z[:, [0, 1, 3]], x[:, [0, 1, 3]])
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(mixture=torch.randn(2, 2, 8)), "mono"),
+    (dict(mixture=torch.randn(2, 8)), r"\[B, 1, T\]"),
+    (dict(mixture=torch.full((1, 1, 8), float("nan"))), "NaN"),
+    (dict(mixture=torch.zeros(1, 1, 8, dtype=torch.int64)), "floating"),
+    (dict(likelihood="laplace"), "likelihood"),
+    (dict(constrained=4), "constrained"),
+    (dict(num_stems=0), "num_stems"),
+])
+def test_separate_rejects_bad_input(gaussian_denoiser, bad, match):
+    kwargs = dict(mixture=torch.randn(1, 1, 8), num_stems=4, likelihood="dirac", constrained=0)
+    kwargs.update(bad)
+    with pytest.raises(ValueError, match=match):
+        msdm.separate(gaussian_denoiser, kwargs.pop("mixture"), kwargs.pop("num_stems"),
+                      msdm.SamplerConfig(num_steps=2), **kwargs)
+
+
+def test_bad_solver_and_stem_count_are_value_errors(gaussian_denoiser):
+    with pytest.raises(ValueError, match="solver"):
+        msdm.generate(gaussian_denoiser, (1, 4, 8), msdm.SamplerConfig(solver="rk4"))
+    with pytest.raises(ValueError, match=r"\[B, 4, T\]"):
+        msdm.separate(gaussian_denoiser, torch.randn(1, 1, 8), 3, msdm.SamplerConfig(num_steps=2))
+    with pytest.raises(ValueError, match="one flag per stem"):
+        msdm.impute(gaussian_denoiser, torch.randn(1, 4, 8), [True], msdm.SamplerConfig())
+    with pytest.raises(ValueError, match="method"):
+        msdm.impute(gaussian_denoiser, torch.randn(1, 4, 8), [True] * 4, msdm.SamplerConfig(),
+                    method="magic")
