@@ -131,13 +131,27 @@ def chunk_track(stems: np.ndarray, chunk: int, hop: int = 0, pad_tail: bool = Fa
         yield idx, start, np.ascontiguousarray(piece, dtype=np.float32)
 
 
-def batch_to_tensor(batch: dict, stems=STEMS) -> torch.Tensor:
-    """Parquet batch {stem: [B, T] arrays} -> float32 [B, S, T]."""
-    missing = [s for s in stems if s not in batch]
+def column_array(col) -> np.ndarray:
+    """A stem column as float32 [B, T]: numpy 2-D, object array of rows, or an Arrow
+    fixed-size list (zero-copy)."""
+    if hasattr(col, "combine_chunks") or hasattr(col, "flatten"):  # pyarrow (Chunked)Array
+        col = col.combine_chunks() if hasattr(col, "combine_chunks") else col
+        n = len(col)
+        return col.flatten().to_numpy(zero_copy_only=False).reshape(n, -1).astype(np.float32,
+                                                                                  copy=False)
+    arr = np.asarray(col)
+    if arr.dtype == object:
+        arr = np.stack([np.asarray(a, dtype=np.float32) for a in arr]) if len(arr) else arr
+    return arr.astype(np.float32, copy=False)
+
+
+def batch_to_tensor(batch, stems=STEMS) -> torch.Tensor:
+    """Parquet batch (dict of arrays or pyarrow Table) with one column per stem -> [B, S, T]."""
+    names = batch.column_names if hasattr(batch, "column_names") else list(batch)
+    missing = [s for s in stems if s not in names]
     if missing:
-        raise ValueError(f"batch lacks stem columns {missing}; has {sorted(batch)}")
-    cols = [torch.as_tensor(np.asarray(batch[s]), dtype=torch.float32) for s in stems]
-    x = torch.stack(cols, dim=1)
+        raise ValueError(f"batch lacks stem columns {missing}; has {sorted(names)}")
+    x = torch.from_numpy(np.stack([column_array(batch[s]) for s in stems], axis=1))
     if x.ndim != 3:
         raise ValueError(f"stem columns must be [B, T] arrays, got {tuple(x.shape)}")
     return x
