@@ -62,8 +62,12 @@ def resample(x, orig_sr: int, new_sr: int):
         return x
     is_np = isinstance(x, np.ndarray)
     t = torch.from_numpy(np.ascontiguousarray(x)) if is_np else x
-    out = AF.resample(t.float(), int(orig_sr), int(new_sr), lowpass_filter_width=16,
-                      rolloff=0.95, resampling_method="sinc_interp_kaiser", beta=14.77)
+    rows = t.float().reshape(-1, t.shape[-1])
+    # one row at a time: measured faster than one batched conv on CPU, and less peak memory
+    out = torch.stack([AF.resample(r, int(orig_sr), int(new_sr), lowpass_filter_width=16,
+                                   rolloff=0.95, resampling_method="sinc_interp_kaiser",
+                                   beta=14.77) for r in rows])
+    out = out.reshape(*t.shape[:-1], out.shape[-1])
     return out.numpy() if is_np else out
 
 

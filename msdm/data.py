@@ -68,7 +68,7 @@ class ClassMap:
 def parse_metadata(text: str, name: str = "metadata.yaml") -> dict:
     """Parse a Slakh metadata.yaml; malformed content raises TrackError."""
     try:
-        meta = yaml.safe_load(text)
+        meta = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as e:
         raise TrackError(f"{name}: malformed YAML ({str(e).splitlines()[0]})") from e
     if not isinstance(meta, dict) or not isinstance(meta.get("stems"), dict):
@@ -128,7 +128,7 @@ def chunk_track(stems: np.ndarray, chunk: int, hop: int = 0, pad_tail: bool = Fa
             piece = np.pad(piece, ((0, 0), (0, chunk - piece.shape[-1])))
         if drop_silent and np.sqrt((piece.astype(np.float64) ** 2).mean(-1)).max() < silence_rms:
             continue
-        yield idx, start, np.ascontiguousarray(piece, dtype=np.float32)
+        yield idx, start, piece.astype(np.float32, copy=False)
 
 
 def column_array(col) -> np.ndarray:

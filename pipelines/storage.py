@@ -82,10 +82,23 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 @contextmanager
 def open_write(uri: str):
-    """A binary buffer that lands at `uri` atomically when the block exits without error."""
-    buf = io.BytesIO()
-    yield buf
-    write_bytes(uri, buf.getvalue())
+    """A binary file that appears at `uri` only complete: local files are written under a temp
+    name and renamed when the block exits without error; S3 objects appear on close."""
+    if is_remote(uri):
+        buf = io.BytesIO()
+        yield buf
+        write_bytes(uri, buf.getvalue())
+        return
+    _, path = get_fs(uri)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def remove(uri: str) -> None:
