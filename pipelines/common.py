@@ -88,8 +88,8 @@ def init_ray(args, runtime_env: dict | None = None):
         ray.init(address=address, runtime_env=renv or None, log_to_driver=True)
     else:
         num_cpus = args.num_cpus or (2 if args.smoke_test else None)
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                 runtime_env=renv or None)
+        # the dashboard hosts the State API that Ray Train's controller polls
+        ray.init(address="local", num_cpus=num_cpus, runtime_env=renv or None)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
     return ray

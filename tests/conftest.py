@@ -134,3 +134,16 @@ def ray_local(s3_server):
 @pytest.fixture
 def tmp_dir(tmp_path) -> Path:
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def synth_prepared(ray_local, tmp_path_factory):
+    """6 generated songs of 3 s, prepared with the tiny preset (train/validation/test)."""
+    from msdm.synth import generate_dataset
+    from pipelines import prepare
+
+    root = tmp_path_factory.mktemp("synth")
+    generate_dataset(root / "slakh", 6, 3.0, seed=3)
+    prepare.main(["--input", str(root / "slakh"), "--output", str(root / "prepared"),
+                  "--config", "tiny"])
+    return root

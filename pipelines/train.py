@@ -1,0 +1,146 @@
+"""Train the MSDM score model with Ray Train (DDP) on Parquet stem chunks from pipelines.prepare.
+
+    python -m pipelines.train --data data/prepared --storage runs --name tiny-1 --config tiny
+    python -m pipelines.train --data s3://bkt/prepared --storage s3://bkt/runs --name msdm-1 \
+        --config paper --num-workers 8 --gpu
+    python -m pipelines.train ... --stem bass          # ISDM: a single-stem prior
+    ray job submit --working-dir . -- python -m pipelines.train --data s3://... --storage s3://...
+
+Re-running with the same --storage/--name RESUMES from that run's latest checkpoint; a new name
+starts fresh. Checkpoints (weights, EMA, optimizer, step, config) go to STORAGE/NAME/; the best K
+by validation loss are kept, and the best EMA weights are exported as STORAGE/NAME/model.ckpt.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from msdm.checkpoint import load_state, save
+from msdm.config import apply_overrides
+from msdm.data import COL_CHUNK, COL_TRACK
+
+from . import storage
+from .common import dry_run, init_ray, log, parser, resolve_config, write_json
+from .report import plot_loss
+from .trainloop import decode_batch, train_loop_per_worker
+
+
+def build_parser():
+    p = parser(__doc__)
+    p.add_argument("--data", required=True, help="prepared dataset root (has train/, validation/)")
+    p.add_argument("--storage", required=True, help="runs root (local or s3://); shared if multi-node")
+    p.add_argument("--name", required=True, help="run name; an existing name resumes")
+    p.add_argument("--num-workers", type=int, default=1, help="DDP workers (1 GPU each with --gpu)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker, nccl, bf16 autocast")
+    p.add_argument("--cpus-per-worker", type=float, default=0,
+                   help="CPUs per worker (default: leave the rest of the cluster to Ray Data)")
+    p.add_argument("--max-steps", type=int, default=None, help="overrides train.max_steps")
+    p.add_argument("--warm-start", default=None, help="model.ckpt to fine-tune from")
+    p.add_argument("--stem", default=None, help="ISDM: train a single-stem prior of this stem")
+    p.add_argument("--max-failures", type=int, default=3, help="worker failures to recover from")
+    return p
+
+
+def _validation_chunks(ray, data_uri: str, cfg) -> np.ndarray:
+    """The first train.val_chunks chunks of DATA/validation (sorted), [N, S, T]: fixed forever."""
+    split = storage.join(data_uri, "validation")
+    if not storage.listdir(split):
+        log(f"no {split}: validating on the first chunks of the train split")
+        split = storage.join(data_uri, "train")
+    ds = ray.data.read_parquet(split).sort([COL_TRACK, COL_CHUNK]).limit(cfg.train.val_chunks)
+    parts = [b["x"] for b in ds.map_batches(decode_batch, batch_format="pyarrow",
+                                            fn_kwargs={"stems": cfg.data.stems,
+                                                       "stem": cfg.train.stem}).iter_batches(
+        batch_format="numpy")]
+    return np.concatenate(parts).astype(np.float32)
+
+
+def _export_best(result, run_uri: str) -> dict:
+    """Copy the best checkpoint's EMA weights to RUN/model.ckpt (one self-contained file)."""
+    best = min(result.best_checkpoints, key=lambda cm: cm[1].get("val_loss", np.inf))
+    with best[0].as_directory() as d:
+        state = load_state(f"{d}/state.ckpt")
+    from msdm.checkpoint import build_denoiser
+
+    cfg = state["config"]
+    ema = build_denoiser(cfg)
+    ema.load_state_dict(state["ema"])
+    buf = io.BytesIO()
+    save(buf, cfg, ema, None, state["step"], extra={"val_loss": best[1].get("val_loss")})
+    storage.write_bytes(storage.join(run_uri, "model.ckpt"), buf.getvalue())
+    return {"step": state["step"], "val_loss": best[1].get("val_loss")}
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    cfg = resolve_config(args)
+    if args.max_steps is not None:
+        cfg = apply_overrides(cfg, {"train.max_steps": args.max_steps})
+    if args.stem is not None:
+        cfg = apply_overrides(cfg, {"train.stem": args.stem})
+    if cfg.train.stem and cfg.train.stem not in cfg.data.stems:
+        raise SystemExit(f"--stem {cfg.train.stem!r} is not one of data.stems {cfg.data.stems}")
+    run_uri = storage.join(args.storage, args.name)
+    if dry_run(cfg, args, {"run": run_uri, "workers": args.num_workers, "gpu": args.gpu}):
+        return {}
+    storage.check_readable(storage.join(args.data, "train"))
+    storage.check_writable(args.storage)
+    resuming = any(n.startswith("checkpoint_") for n in storage.listdir(run_uri))
+    log(f"train: run {run_uri} ({'resuming' if resuming else 'new run'}), "
+        f"{args.num_workers} worker(s), {'GPU' if args.gpu else 'CPU'}")
+    write_json(storage.join(run_uri, "config.json"), cfg.to_dict())
+
+    ray = init_ray(args)
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    val_ref = ray.put(_validation_chunks(ray, args.data, cfg))
+    train_ds = ray.data.read_parquet(storage.join(args.data, "train")).map_batches(
+        decode_batch, batch_format="pyarrow",
+        fn_kwargs={"stems": cfg.data.stems, "stem": cfg.train.stem})
+    cpus = args.cpus_per_worker or _default_cpus(ray, args.num_workers)
+    resources = {"CPU": cpus, **({"GPU": 1} if args.gpu else {})}
+    fs, path = _storage_filesystem(args.storage)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "opts": {
+            "val_ref": val_ref, "warm_start": args.warm_start,
+            "metrics_uri": storage.join(run_uri, "metrics.csv")}},
+        scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=args.gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=args.name, storage_path=path, storage_filesystem=fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep,
+                                               checkpoint_score_attribute="val_loss",
+                                               checkpoint_score_order="min"),
+            failure_config=FailureConfig(max_failures=args.max_failures)),
+        datasets={"train": train_ds},
+    )
+    result = trainer.fit()
+    best = _export_best(result, run_uri)
+    plot_loss(storage.join(run_uri, "metrics.csv"), storage.join(run_uri, "loss.png"))
+    log(f"done: best val_loss {best['val_loss']:.4f} at step {best['step']}; "
+        f"exported {storage.join(run_uri, 'model.ckpt')}")
+    return {"run": run_uri, **best, "metrics": dict(result.metrics or {})}
+
+
+def _default_cpus(ray, num_workers: int) -> float:
+    """Leave at least one CPU of the cluster to Ray Data, or the run waits forever for a read."""
+    total = ray.cluster_resources().get("CPU", 1)
+    return max(0.25, min(8.0, int(4 * (total - 1) / num_workers) / 4))
+
+
+def _storage_filesystem(uri: str):
+    """Ray Train storage: S3 through the same s3fs settings as our I/O; local paths as-is."""
+    if not storage.is_remote(uri):
+        return None, storage.get_fs(uri)[1]
+    import pyarrow.fs
+
+    fs, path = storage.get_fs(uri)
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path
+
+
+if __name__ == "__main__":
+    main()

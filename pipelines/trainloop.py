@@ -1,0 +1,136 @@
+"""The Ray Train worker loop for `pipelines.train` (kept out of __main__ so Ray pickles it by
+reference). Every tensor operation is a call into `msdm.training`; Ray lines are marked [ray]."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from msdm.checkpoint import build_denoiser, load_state, save
+from msdm.config import Config
+from msdm.data import batch_to_tensor, random_shift
+from msdm.training import make_ema, make_optimizer, train_step, validation_loss
+
+from . import storage
+
+CSV_FIELDS = ["step", "loss", "val_loss", "samples_per_s", "data_wait", "lr", "elapsed_s"]
+
+
+def decode_batch(table, stems, stem: str = "") -> dict:
+    """Ray Data map_batches UDF (pyarrow in): stem columns -> one float32 'x' [B, S, T]."""
+    x = batch_to_tensor(table, (stem,) if stem else tuple(stems)).numpy()
+    return {"x": x}
+
+
+def _restore(cfg, model, ema, opt, opts, device):
+    """Resume from Ray's latest checkpoint, else warm-start weights; returns (step, history)."""
+    import ray.train  # [ray]
+
+    ckpt = ray.train.get_checkpoint()  # [ray] set on retry or when the run folder has one
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = load_state(os.path.join(d, "state.ckpt"), map_location=device)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        return state["step"], list(state["extra"].get("history", []))
+    if opts.get("warm_start"):
+        state = load_state(io.BytesIO(storage.read_bytes(opts["warm_start"])), device)
+        weights = state["ema"] if state.get("ema") is not None else state["model"]
+        model.load_state_dict(weights)
+        ema.load_state_dict(weights)
+    return 0, []
+
+
+def _write_csv(uri: str, history: list[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, CSV_FIELDS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(history)
+    storage.write_bytes(uri, buf.getvalue().encode())
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray
+    import ray.train  # [ray]
+    from ray.train.torch import get_device, prepare_model  # [ray]
+
+    cfg, opts = Config.from_dict(config["cfg"]), config["opts"]
+    ctx = ray.train.get_context()  # [ray]
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = get_device()  # [ray]
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    denoiser = build_denoiser(cfg).to(device)
+    ema = make_ema(denoiser)
+    opt = make_optimizer(denoiser, cfg)
+    step, history = _restore(cfg, denoiser, ema, opt, opts, device)
+    start_step = step
+    model = prepare_model(denoiser)  # [ray] DDP (gloo on CPU, nccl on GPU) when world > 1
+    val_x = torch.from_numpy(ray.get(opts["val_ref"])).to(device) if rank == 0 else None  # [ray]
+    gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank + 7919 * step)
+    per_worker = max(1, cfg.train.batch_size // world)
+    shard = ray.train.get_dataset_shard("train")  # [ray]
+    t_start, last_log, waited, samples = time.time(), time.time(), 0.0, 0
+    val: dict = {}
+    if rank == 0:
+        print(f"[train] world {world}, {per_worker} chunks per worker, device {device}, "
+              f"{'resuming at step ' + str(step) if step else 'starting at step 0'}", flush=True)
+    while step < cfg.train.max_steps:
+        t_wait = time.time()
+        for batch in shard.iter_torch_batches(batch_size=per_worker, drop_last=True,  # [ray]
+                                              local_shuffle_buffer_size=4 * per_worker):
+            waited += time.time() - t_wait
+            x = batch["x"].to(device, non_blocking=True)
+            if cfg.data.random_shift:
+                x = random_shift(x, gen)
+            loss = train_step(model, x, opt, cfg, gen, ema)
+            step += 1
+            samples += x.shape[0] * world
+            if cfg.train.fault_step == step and start_step == 0 and rank == world - 1:
+                print(f"[train] fault injection: rank {rank} exits at step {step}", flush=True)
+                # Ray Train collects reports every 2 s: a checkpoint reported less than that
+                # before a crash can be lost. Wait, so the test measures recovery, not the race.
+                time.sleep(5)
+                os._exit(1)
+            done = step >= cfg.train.max_steps
+            if step % cfg.train.val_every == 0 or step % cfg.train.checkpoint_every == 0 or done:
+                val = validation_loss(ema, val_x, cfg) if rank == 0 else {}
+            if step % cfg.train.log_every == 0 or step % cfg.train.checkpoint_every == 0 or done:
+                now = time.time()
+                row = {"step": step, "loss": float(loss), "val_loss": val.get("val_loss", ""),
+                       "samples_per_s": samples / max(now - last_log, 1e-9),
+                       "data_wait": waited / max(now - last_log, 1e-9),
+                       "lr": opt.param_groups[0]["lr"], "elapsed_s": now - t_start}
+                history.append(row)
+                if rank == 0:
+                    vl = f"{row['val_loss']:.4f}" if val else "-"
+                    print(f"[train] step {step}/{cfg.train.max_steps} loss {row['loss']:.4f} "
+                          f"val {vl} {row['samples_per_s']:.1f} samples/s "
+                          f"wait {100 * row['data_wait']:.1f}% lr {row['lr']:.2g}", flush=True)
+                last_log, waited, samples = now, 0.0, 0
+            if step % cfg.train.checkpoint_every == 0 or done:
+                _checkpoint(cfg, denoiser, ema, opt, step, history, val, opts, rank)
+            if done:
+                break
+            t_wait = time.time()
+
+
+def _checkpoint(cfg, denoiser, ema, opt, step, history, val, opts, rank) -> None:
+    import ray.train  # [ray]
+
+    metrics = {"step": step, "val_loss": float(val.get("val_loss", np.inf))}
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint = None
+        if rank == 0:
+            save(os.path.join(d, "state.ckpt"), cfg, denoiser, ema, step, opt,
+                 extra={"history": history})
+            checkpoint = ray.train.Checkpoint.from_directory(d)  # [ray]
+            _write_csv(opts["metrics_uri"], history)
+        ray.train.report(metrics, checkpoint=checkpoint,  # [ray] every rank: it is a barrier
+                         checkpoint_dir_name=f"checkpoint_{step:08d}")
