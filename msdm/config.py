@@ -256,6 +256,30 @@ PRESETS: dict[str, dict] = {
         "generation": {"num_steps": 8},
         "imputation": {"num_steps": 8},
     },
+    "small": {  # CPU demo and quality benchmark: ~1.9 M parameters, 11.025 kHz, 1.5 s chunks
+        "data": {"sample_rate": 11025, "chunk_samples": 16384, "shard_mb": 32.0},
+        "model": {
+            "channels": 32,
+            "patch_factor": 8,
+            "multipliers": [1, 2, 4, 4],
+            "factors": [4, 4, 2],
+            "num_blocks": [1, 1, 1],
+            "attentions": [False, False, True],
+            "attention_heads": 4,
+            "attention_features": 16,
+            "resnet_groups": 8,
+        },
+        "train": {
+            "batch_size": 8,
+            "lr": 4e-4,
+            "max_steps": 6000,
+            "checkpoint_every": 500,
+            "val_every": 500,
+            "val_chunks": 32,
+            "log_every": 50,
+            "ema_decay": 0.995,
+        },
+    },
 }
 
 

@@ -30,9 +30,11 @@ from .trainloop import decode_batch, train_loop_per_worker
 def build_parser():
     p = parser(__doc__)
     p.add_argument("--data", required=True, help="prepared dataset root (has train/, validation/)")
-    p.add_argument("--storage", required=True, help="runs root (local or s3://); shared if multi-node")
+    p.add_argument("--storage", required=True,
+                   help="runs root (local or s3://); must be shared storage on multi-node runs")
     p.add_argument("--name", required=True, help="run name; an existing name resumes")
-    p.add_argument("--num-workers", type=int, default=1, help="DDP workers (1 GPU each with --gpu)")
+    p.add_argument("--num-workers", type=int, default=1,
+                   help="DDP workers (one GPU each with --gpu)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, nccl, bf16 autocast")
     p.add_argument("--cpus-per-worker", type=float, default=0,
                    help="CPUs per worker (default: leave the rest of the cluster to Ray Data)")
@@ -100,6 +102,9 @@ def main(argv=None) -> dict:
     train_ds = ray.data.read_parquet(storage.join(args.data, "train")).map_batches(
         decode_batch, batch_format="pyarrow",
         fn_kwargs={"stems": cfg.data.stems, "stem": cfg.train.stem})
+    if _dataset_bytes(storage.join(args.data, "train")) < 0.25 * _object_store_bytes(ray):
+        train_ds = train_ds.materialize()  # small: read once, not once per epoch
+        log(f"train split materialised in the object store ({train_ds.count()} chunks)")
     cpus = args.cpus_per_worker or _default_cpus(ray, args.num_workers)
     resources = {"CPU": cpus, **({"GPU": 1} if args.gpu else {})}
     fs, path = _storage_filesystem(args.storage)
@@ -124,6 +129,15 @@ def main(argv=None) -> dict:
     log(f"done: best val_loss {best['val_loss']:.4f} at step {best['step']}; "
         f"exported {storage.join(run_uri, 'model.ckpt')}")
     return {"run": run_uri, **best, "metrics": dict(result.metrics or {})}
+
+
+def _dataset_bytes(uri: str) -> int:
+    fs, path = storage.get_fs(uri)
+    return sum(fs.du(path, total=False).values()) if fs.exists(path) else 0
+
+
+def _object_store_bytes(ray) -> float:
+    return ray.cluster_resources().get("object_store_memory", 0)
 
 
 def _default_cpus(ray, num_workers: int) -> float:

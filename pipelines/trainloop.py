@@ -84,7 +84,8 @@ def train_loop_per_worker(config: dict) -> None:
     while step < cfg.train.max_steps:
         t_wait = time.time()
         for batch in shard.iter_torch_batches(batch_size=per_worker, drop_last=True,  # [ray]
-                                              local_shuffle_buffer_size=4 * per_worker):
+                                              local_shuffle_buffer_size=4 * per_worker,
+                                              prefetch_batches=4):
             waited += time.time() - t_wait
             x = batch["x"].to(device, non_blocking=True)
             if cfg.data.random_shift:
