@@ -252,9 +252,11 @@ PRESETS: dict[str, dict] = {
             "log_every": 5,
             "ema_decay": 0.99,
         },
-        "sampler": {"num_steps": 8, "resamples": 1},
-        "generation": {"num_steps": 8},
-        "imputation": {"num_steps": 8},
+        # Euler + Dirac is unstable when sigma_next / sigma_hat < 1 - 2 / S at high noise:
+        # 20 steps with little churn keep every step ratio above 0.6
+        "sampler": {"num_steps": 20, "s_churn": 5.0, "resamples": 1},
+        "generation": {"num_steps": 20},
+        "imputation": {"num_steps": 20},
     },
     "small": {  # CPU demo and quality benchmark: ~1.9 M parameters, 11.025 kHz, 1.5 s chunks
         "data": {"sample_rate": 11025, "chunk_samples": 16384, "shard_mb": 32.0},

@@ -79,3 +79,15 @@ def windowed_si_sdri(estimates: torch.Tensor, references: torch.Tensor, sample_r
     if not rows:
         return torch.zeros(0, references.shape[0], dtype=torch.float64)
     return torch.stack(rows)
+
+
+def summarize(windows: torch.Tensor, stems) -> dict[str, float]:
+    """Mean SI-SDRi over windows per stem, and "all" = mean of the stem means (paper Sec. 6.1)."""
+    if windows.ndim != 2 or windows.shape[1] != len(stems):
+        raise ValueError(f"windows must be [W, {len(stems)}], got {tuple(windows.shape)}")
+    if windows.shape[0] == 0:
+        return {**{s: float("nan") for s in stems}, "all": float("nan")}
+    means = windows.double().mean(0)
+    out = {s: float(m) for s, m in zip(stems, means)}
+    out["all"] = float(means.mean())
+    return out

@@ -214,3 +214,26 @@ def separate(denoiser, mixture, num_stems: int, config, likelihood: str = "dirac
     x = randn_like(mixture.expand(b, num_stems, t)) * cfg.sigma_max
     x = _run(derivative, x, cfg, randn_like, callback)
     return project(x, mixture, k) if likelihood == "dirac" else x
+
+
+class _Autocast:
+    """Runs a denoiser under bf16 autocast on CUDA (the sampler state stays float32)."""
+
+    def __init__(self, denoiser):
+        self.denoiser = denoiser
+
+    def __call__(self, x, sigma):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return self.denoiser(x, sigma).float()
+
+
+def separate_with_config(denoiser, mixture: torch.Tensor, cfg: Config, seeds: Sequence[int],
+                         bf16: bool = True) -> torch.Tensor:
+    """`separate` with every setting from a Config and one seed per item, so an item's result
+    does not depend on the batch it runs in. mixture [B, 1, T] -> [B, S, T]."""
+    if len(seeds) != mixture.shape[0]:
+        raise ValueError(f"need one seed per mixture, got {len(seeds)} for {mixture.shape[0]}")
+    den = _Autocast(denoiser) if bf16 and mixture.device.type == "cuda" else denoiser
+    return separate(den, mixture, len(cfg.data.stems), cfg.sampler,
+                    likelihood=cfg.separation.likelihood, constrained=cfg.separation.constrained,
+                    gamma=cfg.separation.gamma, generator=item_generators(seeds, mixture.device))

@@ -154,3 +154,14 @@ def check_writable(uri: str) -> None:
         remove(probe)
     except Exception as e:
         raise StorageError(f"cannot write to {uri}: {type(e).__name__}: {e}") from e
+
+
+def pyarrow_fs(uri: str):
+    """(pyarrow filesystem or None, path) for Ray Train/Tune storage: S3 goes through the same
+    s3fs settings as the rest of our I/O; local paths need no filesystem object."""
+    fs, path = get_fs(uri)
+    if not is_remote(uri):
+        return None, path
+    import pyarrow.fs
+
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path

@@ -107,7 +107,7 @@ def main(argv=None) -> dict:
         log(f"train split materialised in the object store ({train_ds.count()} chunks)")
     cpus = args.cpus_per_worker or _default_cpus(ray, args.num_workers)
     resources = {"CPU": cpus, **({"GPU": 1} if args.gpu else {})}
-    fs, path = _storage_filesystem(args.storage)
+    fs, path = storage.pyarrow_fs(args.storage)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "opts": {
@@ -144,16 +144,6 @@ def _default_cpus(ray, num_workers: int) -> float:
     """Leave at least one CPU of the cluster to Ray Data, or the run waits forever for a read."""
     total = ray.cluster_resources().get("CPU", 1)
     return max(0.25, min(8.0, int(4 * (total - 1) / num_workers) / 4))
-
-
-def _storage_filesystem(uri: str):
-    """Ray Train storage: S3 through the same s3fs settings as our I/O; local paths as-is."""
-    if not storage.is_remote(uri):
-        return None, storage.get_fs(uri)[1]
-    import pyarrow.fs
-
-    fs, path = storage.get_fs(uri)
-    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path
 
 
 if __name__ == "__main__":
