@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,8 @@ import numpy as np
 import soundfile as sf
 import torch
 import torchaudio.functional as AF
+
+AUDIO_FORMATS = ("wav", "flac", "ogg", "mp3", "aiff", "aif", "au", "w64")  # soundfile decodes
 
 
 class AudioError(ValueError):
@@ -32,7 +35,8 @@ def read_audio(source, name: str | None = None) -> tuple[np.ndarray, int]:
     try:
         data, sr = sf.read(source, dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises LibsndfileError/RuntimeError/TypeError
-        raise AudioError(f"{name}: cannot decode audio ({type(e).__name__}: {e})") from e
+        msg = re.sub(r"Error opening <[^>]*>: ", "", str(e))
+        raise AudioError(f"{name}: cannot decode audio ({msg})") from e
     if data.shape[0] == 0:
         raise AudioError(f"{name}: zero-length audio")
     if not np.isfinite(data).all():

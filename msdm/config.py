@@ -117,6 +117,8 @@ class Separation:
     likelihood: Literal["dirac", "gaussian"] = "dirac"
     constrained: int = 0  # Dirac: index of the stem set to mixture - others (paper: 0 = bass)
     gamma: float = 0.75  # Gaussian: likelihood width gamma = gamma * sigma
+    margin: float = 0.0625  # long tracks: context margin per segment side, fraction of a chunk
+    overlap: float = 0.125  # long tracks: cross-fade length between segment cores, fraction
 
 
 @dataclass(frozen=True)

@@ -143,3 +143,64 @@ def sweep_trial(config: dict, ckpt, base: dict, val: dict, seed: int, cost_per_n
     tune.report({"si_sdri": scores["all"], "nfe": k, "windows": int(w.shape[0]),
                  "score": scores["all"] - cost_per_nfe * k,
                  **{f"si_sdri_{s}": scores[s] for s in cfg.data.stems}})
+
+
+def model_multiple(cfg) -> int:
+    """Lengths the network accepts are multiples of this (1 for analytic models)."""
+    if cfg.model.kind != "unet":
+        return 1
+    return cfg.model.patch_factor * int(np.prod(cfg.model.factors))
+
+
+class GenerateBatch:
+    """Generation stage (actor pool): total generation, or imputation around given stems."""
+
+    def __init__(self, ckpt, overrides: dict | None, num_gpus: float, seconds: float,
+                 given: dict[str, str]):
+        from msdm.audio import read_audio, resample, to_mono
+
+        self.device = pick_device(num_gpus)
+        self.cfg, self.denoiser = load_model(ckpt, overrides, self.device)
+        sr, m = self.cfg.data.sample_rate, model_multiple(self.cfg)
+        self.length = int(np.ceil(seconds * sr / m) * m)
+        stems = self.cfg.data.stems
+        unknown = sorted(set(given) - set(stems))
+        if unknown:
+            raise ValueError(f"--given stems {unknown} are not model stems {list(stems)}")
+        self.known = [s in given for s in stems]
+        self.given = torch.zeros(len(stems), self.length)
+        for s, uri in given.items():
+            x, rate = read_audio(storage.read_bytes(uri), uri)
+            y = torch.from_numpy(resample(to_mono(x), rate, sr))[: self.length]
+            self.given[stems.index(s), : y.shape[-1]] = y
+
+    def __call__(self, batch: dict) -> dict:
+        from msdm.tasks import generate, impute, item_generators
+
+        seeds = [int(s) for s in batch["seed"]]
+        gens = item_generators(seeds, self.device)
+        b, s = len(seeds), len(self.cfg.data.stems)
+        if any(self.known):
+            stems = self.given[None].expand(b, s, self.length).to(self.device)
+            out = impute(self.denoiser, stems, self.known, self.cfg.imputation, generator=gens,
+                         method=self.cfg.impute.method, guidance=self.cfg.impute.guidance)
+        else:
+            out = generate(self.denoiser, (b, s, self.length), self.cfg.generation,
+                           generator=gens)
+        return {"index": np.asarray(batch["index"]), "seed": np.asarray(seeds),
+                "stems": out.cpu().numpy()}
+
+
+def write_sample(row: dict, output: str, stems, sample_rate: int, seconds: float) -> dict:
+    """Write one generated sample: OUTPUT/sample_NNNN/{stem}.wav and mix.wav."""
+    from msdm.audio import write_audio
+
+    n = int(round(seconds * sample_rate))
+    folder = storage.join(output, f"sample_{int(row['index']):04d}")
+    x = np.asarray(row["stems"])[:, :n]
+    for name, sig in [*zip(stems, x), ("mix", x.sum(0))]:
+        buf = io.BytesIO()
+        write_audio(buf, sig, sample_rate, "wav", "FLOAT")
+        storage.write_bytes(storage.join(folder, f"{name}.wav"), buf.getvalue())
+    return {"index": int(row["index"]), "seed": int(row["seed"]), "folder": folder,
+            "peak": float(np.abs(x).max()), "rms": [float(v) for v in np.sqrt((x**2).mean(-1))]}

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from msdm.audio import AudioError, read_audio, resample, to_mono
+from msdm.audio import AUDIO_FORMATS, AudioError, read_audio, resample, to_mono
 from msdm.config import Data
 from msdm.data import (
     COL_CHUNK,
@@ -35,7 +35,7 @@ from msdm.data import (
 
 from . import storage
 
-AUDIO_EXT = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
+AUDIO_EXT = tuple(f".{e}" for e in AUDIO_FORMATS)
 
 
 def find_tracks(root: str, splits=SPLITS) -> list[dict]:

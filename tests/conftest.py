@@ -164,3 +164,15 @@ def gauss_ckpt(synth_prepared):
     path = synth_prepared / "gauss.ckpt"
     save(path, cfg, GaussianDenoiser(cov))
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_unet_ckpt(tmp_path_factory):
+    """An (untrained) tiny U-Net checkpoint: the real network code path, fast on CPU."""
+    from msdm.checkpoint import build_denoiser, save
+
+    torch.manual_seed(0)
+    cfg = get_preset("tiny")
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
+    save(path, cfg, build_denoiser(cfg))
+    return path
