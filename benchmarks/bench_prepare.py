@@ -13,16 +13,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from msdm.audio import read_audio, resample, to_mono  # noqa: E402
+from msdm.audio import read_audio, resample, to_mono
 
 
 def bare_loop(root: Path, sample_rate: int) -> tuple[float, float]:

@@ -11,20 +11,17 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pyarrow.parquet as pq
+import torch
 
-import pyarrow.parquet as pq  # noqa: E402
-import torch  # noqa: E402
-
-from msdm.checkpoint import build_denoiser  # noqa: E402
-from msdm.config import load_config  # noqa: E402
-from msdm.data import batch_to_tensor  # noqa: E402
-from msdm.training import make_ema, make_optimizer, train_step  # noqa: E402
+from msdm.checkpoint import build_denoiser
+from msdm.config import load_config
+from msdm.data import batch_to_tensor
+from msdm.training import make_ema, make_optimizer, train_step
 
 
 def plain_loop(cfg, data: Path, steps: int, warmup: int) -> float:

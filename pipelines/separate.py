@@ -129,7 +129,7 @@ def _run_wave(ray, args, ckpt, cfg, overrides, subtype, wave) -> list[dict]:
         fn_constructor_kwargs={"ckpt": ckpt, "overrides": overrides,
                                "num_gpus": args.gpus_per_actor, "seed": args.seed},
         compute=ray.data.ActorPoolStrategy(size=args.actors), num_gpus=args.gpus_per_actor)
-    ds = ds.groupby("key").map_groups(
+    ds = ds.groupby("key", num_partitions=max(1, min(len(wave), 16))).map_groups(
         assemble_track, batch_format="numpy",
         fn_kwargs={"cfg_dict": cfg.to_dict(), "output": args.output, "template": args.filename,
                    "fmt": args.format, "subtype": subtype, "out_rate": args.sample_rate,

@@ -1,0 +1,128 @@
+"""Separation benchmark: seconds of audio separated per wall-clock second by the Ray Data job
+(decode/segment -> actor pool -> overlap-add/write) vs a plain in-process loop over the same
+files, model, sampler and thread count, same run. Target on CPU: >= 0.9 of the plain loop per
+model actor.
+
+    python benchmarks/bench_separate.py [--config small --files 12 --seconds 30 --steps 40]
+    python benchmarks/bench_separate.py --gpu-paper   # on a GPU: RTF of the paper preset, 150x2
+
+The Ray job pays a fixed start-up (actor pool, model load, executor; ~10-15 s on 2 CPUs), so the
+workload is long enough (6 min of audio) for the steady state to show.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from msdm.audio import (
+    SegmentPlan,
+    extract_segment,
+    overlap_add,
+    read_audio,
+    resample,
+    to_mono,
+    write_audio,
+)
+from msdm.checkpoint import build_denoiser, load_checkpoint, save
+from msdm.config import load_config
+from msdm.tasks import separate_with_config
+
+
+def plain_loop(ckpt: Path, files: list[Path], out: Path, batch: int) -> float:
+    """Audio seconds per wall second: decode -> segments -> separate -> overlap-add -> write."""
+    cfg, den = load_checkpoint(ckpt)
+    n = cfg.data.chunk_samples
+    margin, overlap = int(cfg.separation.margin * n), int(cfg.separation.overlap * n)
+    total, t0 = 0.0, time.perf_counter()
+    for f in files:
+        x, sr = read_audio(f)
+        mono = resample(to_mono(x), sr, cfg.data.sample_rate)
+        plan = SegmentPlan(mono.shape[-1], n, margin, overlap)
+        segs = np.stack([extract_segment(mono, plan, j) for j in range(plan.num_segments)])
+        outs = []
+        for i in range(0, len(segs), batch):
+            mix = torch.from_numpy(segs[i : i + batch])[:, None]
+            outs.append(separate_with_config(den, mix, cfg, list(range(i, i + len(mix)))).numpy())
+        stems = resample(overlap_add(np.concatenate(outs), plan), cfg.data.sample_rate, sr)
+        for k, s in enumerate(cfg.data.stems):
+            write_audio(out / f"{f.stem}_{s}.wav", stems[k], sr)
+        total += x.shape[-1] / sr
+    return total / (time.perf_counter() - t0)
+
+
+def gpu_paper() -> None:
+    cfg = load_config("paper")
+    den = build_denoiser(cfg).cuda().eval()
+    mix = torch.randn(1, 1, cfg.data.chunk_samples, device="cuda") * 0.1
+    separate_with_config(den, mix, load_config("paper", ["sampler.num_steps=2"]), [0])
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    separate_with_config(den, mix, cfg, [0])
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    audio = cfg.data.chunk_samples / cfg.data.sample_rate
+    print(f"| paper preset, 150 x 2 = 300 NFE, bf16 | {dt:.1f} s per {audio:.1f} s chunk | "
+          f"RTF {dt / audio:.2f} | {torch.cuda.get_device_name()} |")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--config", default="small")
+    ap.add_argument("--files", type=int, default=12)
+    ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--steps", type=int, default=40, help="sampler steps (x1 resample)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--gpu-paper", action="store_true")
+    args = ap.parse_args(argv)
+    if args.gpu_paper:
+        gpu_paper()
+        return
+    work = Path(tempfile.mkdtemp(prefix="bench-sep-"))
+    (work / "in").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(args.files):
+        t = np.arange(int(args.seconds * 44100)) / 44100
+        x = 0.2 * np.sin(2 * np.pi * (100 + 20 * i) * t) + 0.05 * rng.standard_normal(len(t))
+        sf.write(work / "in" / f"s{i}.wav", np.stack([x, x]).T.astype(np.float32), 44100)
+    cfg = load_config(args.config, [f"sampler.num_steps={args.steps}", "sampler.resamples=1"])
+    torch.manual_seed(0)
+    save(work / "m.ckpt", cfg, build_denoiser(cfg))
+    files = sorted((work / "in").glob("*.wav"))
+    torch.set_num_threads(1)  # one model actor = one CPU
+    (work / "plain").mkdir()
+    plain_loop(work / "m.ckpt", files[:1], work / "plain", args.batch_size)  # warm-up
+    plain = plain_loop(work / "m.ckpt", files, work / "plain", args.batch_size)
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    ray.init(address="local", num_cpus=2)
+    from pipelines import separate
+
+    common = ["--ckpt", str(work / "m.ckpt"), "--actors", "1", "--batch-size",
+              str(args.batch_size)]
+    separate.main(common + ["--input", str(files[0]), "--output", str(work / "warm")])
+    t0 = time.perf_counter()
+    separate.main(common + ["--input", str(work / "in"), "--output", str(work / "ray")])
+    ours = args.files * args.seconds / (time.perf_counter() - t0)
+    ray.shutdown()
+    print(f"\nconfig {args.config}, {args.files} files x {args.seconds:g} s, {args.steps} steps, "
+          f"batch {args.batch_size}, 1 model thread")
+    print("\n| path | audio s per wall s | ratio |\n|---|---|---|")
+    print(f"| plain in-process loop | {plain:.2f} | 1.00 |")
+    print(f"| Ray Data job, 1 model actor (+ CPU stages) | {ours:.2f} | {ours / plain:.2f} |")
+    print(f"\ntarget >= 0.9 per actor -> {'PASS' if ours / plain >= 0.9 else 'MISS'}")
+    if not torch.cuda.is_available():
+        print("no GPU here: run with --gpu-paper on a GPU machine for the paper preset RTF")
+
+
+if __name__ == "__main__":
+    main()
