@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test demo bench bench-quality lint format clean
+.PHONY: install test demo bench bench-all lint format clean
 
 install: $(STAMP)
 
@@ -19,8 +19,18 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+demo: $(STAMP)
+	$(BIN)/python -m pipelines.demo --output demo_out
+	@echo "report: demo_out/report/REPORT.md"
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_core.py
+
+bench-all: $(STAMP)
+	$(BIN)/python benchmarks/bench_core.py
+	$(BIN)/python benchmarks/bench_prepare.py
+	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_separate.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check msdm pipelines tests benchmarks

@@ -19,6 +19,8 @@ import json
 import sys
 import time
 
+from msdm.sampling import nfe
+
 from . import storage
 from .catalog import (
     SeparateSegments,
@@ -93,9 +95,9 @@ def main(argv=None) -> dict:
             skipped += 1
         else:
             todo.append(it)
+    k = nfe(cfg.sampler.num_steps, cfg.sampler.resamples, cfg.sampler.solver)
     log(f"separate: {len(items)} inputs, {skipped} already done, {len(todo)} to do -> "
-        f"{args.output} (NFE per segment "
-        f"{cfg.sampler.num_steps * cfg.sampler.resamples}, {args.actors} actor(s))")
+        f"{args.output} (NFE per segment {k}, {args.actors} actor(s))")
     ray = init_ray(args) if todo else None
     t0 = time.time()
     for w in range(0, len(todo), args.wave_size):
