@@ -114,9 +114,11 @@ def replacement(denoiser, stems, mask, randn_like):
     return derivative
 
 
-def reconstruction_guidance(denoiser, stems, mask, randn_like, weight: float):
-    """Replacement plus reconstruction guidance (Ho et al. 2022): the free stems also follow
-    -w/(2 sigma^2) grad ||D_known(z) - stems||^2, pulling them toward what the known stems imply."""
+def reconstruction_guidance(denoiser, stems, mask, randn_like, weight: float,
+                            sigma_data: float = 0.2, max_scale: float = 100.0):
+    """Replacement plus reconstruction guidance (Ho et al. 2022) with the EDM posterior width:
+    the free stems also follow grad log N(stems; D_known(z), r^2), r^2 = s^2 sd^2 / (s^2 + sd^2),
+    i.e. d += w (1 + s^2/sd^2) / (2 s) grad ||D_known(z) - stems||^2 (scale capped)."""
 
     def derivative(x, sigma):
         noisy = stems + sigma[:, None, None] * randn_like(stems)
@@ -127,18 +129,21 @@ def reconstruction_guidance(denoiser, stems, mask, randn_like, weight: float):
             err = ((denoised - stems) * mask).pow(2).sum()
             (grad,) = torch.autograd.grad(err, free)
         s = sigma[:, None, None]
+        scale = torch.clamp(1 + s**2 / sigma_data**2, max=max_scale) * weight
         d = to_d(z.detach(), sigma, denoised.detach())
-        return d + (1 - mask) * weight * grad / (2 * s)
+        return d + (1 - mask) * scale * grad / (2 * s)
 
     return derivative
 
 
 @torch.no_grad()
 def impute(denoiser, stems, known: Sequence[bool], config, generator: Generator = None,
-           method: str = "replace", guidance: float = 1.0, callback=None) -> torch.Tensor:
+           method: str = "replace", guidance: float = 1.0, sigma_data: float = 0.2,
+           callback=None) -> torch.Tensor:
     """Partial generation: stems where `known[n]` is true are kept exactly, the rest are sampled
-    conditionally. `method`: "replace" (paper) or "guidance" (replacement + reconstruction
-    guidance). Returns [B, S, T]."""
+    conditionally. `method`: "replace" (paper, RePaint-style) or "guidance" (replacement plus
+    reconstruction guidance of weight `guidance`; one extra backward pass per step).
+    Returns [B, S, T]."""
     _check("stems", stems, 3, "[B, S, T]")
     cfg = _sampler(config, "imputation")
     mask = _mask(known, stems.shape[1], stems)
@@ -146,7 +151,8 @@ def impute(denoiser, stems, known: Sequence[bool], config, generator: Generator 
     if method == "replace":
         derivative = replacement(denoiser, stems, mask, randn_like)
     elif method == "guidance":
-        derivative = reconstruction_guidance(denoiser, stems, mask, randn_like, guidance)
+        derivative = reconstruction_guidance(denoiser, stems, mask, randn_like, guidance,
+                                             sigma_data)
     else:
         raise ValueError(f"unknown imputation method {method!r}; expected 'replace' or 'guidance'")
     x = randn_like(stems) * cfg.sigma_max

@@ -183,7 +183,8 @@ class GenerateBatch:
         if any(self.known):
             stems = self.given[None].expand(b, s, self.length).to(self.device)
             out = impute(self.denoiser, stems, self.known, self.cfg.imputation, generator=gens,
-                         method=self.cfg.impute.method, guidance=self.cfg.impute.guidance)
+                         method=self.cfg.impute.method, guidance=self.cfg.impute.guidance,
+                         sigma_data=self.cfg.diffusion.sigma_data)
         else:
             out = generate(self.denoiser, (b, s, self.length), self.cfg.generation,
                            generator=gens)

@@ -105,6 +105,8 @@ def main(argv=None) -> dict:
     if _dataset_bytes(storage.join(args.data, "train")) < 0.25 * _object_store_bytes(ray):
         train_ds = train_ds.materialize()  # small: read once, not once per epoch
         log(f"train split materialised in the object store ({train_ds.count()} chunks)")
+    if args.num_workers < 1:
+        raise SystemExit("--num-workers must be >= 1")
     cpus = args.cpus_per_worker or _default_cpus(ray, args.num_workers)
     resources = {"CPU": cpus, **({"GPU": 1} if args.gpu else {})}
     fs, path = storage.pyarrow_fs(args.storage)

@@ -72,8 +72,8 @@ def test_imputation_keeps_known_stems_and_pulls_toward_conditional_mean(gaussian
         betas[method] = ((xu * cond_mean).sum() / (cond_mean * cond_mean).sum()).item()
     print("regression of imputed stems on E[x_u | x_k] (1 = exact posterior, 0 = unconditional):",
           {m: round(b, 3) for m, b in betas.items()})
-    assert 0.1 < betas["replace"] < 0.9
-    assert betas["guidance"] > betas["replace"]
+    assert 0.1 < betas["replace"] < 0.7  # the paper's method carries part of the context
+    assert 0.85 < betas["guidance"] < 1.15  # guidance gets close to the exact posterior
 
 
 def test_seeded_batch_equals_items_one_by_one(gaussian_denoiser):
