@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test demo bench bench-all lint format clean
+.PHONY: install test demo bench bench-all bench-quality lint format clean
 
 install: $(STAMP)
 
@@ -25,6 +25,9 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_core.py
+
+bench-quality: $(STAMP)
+	$(BIN)/python benchmarks/bench_quality.py
 
 bench-all: $(STAMP)
 	$(BIN)/python benchmarks/bench_core.py

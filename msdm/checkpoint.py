@@ -98,36 +98,38 @@ def load_checkpoint(source, use_ema: bool = True, map_location="cpu"):
     return cfg, denoiser.to(map_location).eval().requires_grad_(False)
 
 
-def load_factorized(sources: dict[str, object], stems, map_location="cpu"):
+def load_factorized(sources: dict[str, object], stems=None, map_location="cpu"):
     """ISDM: one single-stem checkpoint per stem -> (joint cfg, FactorizedDenoiser).
 
-    `sources` maps stem name -> path/file. Every stem in `stems` must be given, each checkpoint
-    must be a single-stem prior of that stem, and all must share one sample rate.
+    `sources` maps stem name -> path/file. Every stem of the checkpoints' `data.stems` (or of
+    `stems`, if given) must have exactly one checkpoint, each checkpoint must be the single-stem
+    prior of the stem it is given for, and all must share one sample rate and chunk length.
     """
-    missing = [s for s in stems if s not in sources]
-    extra = [s for s in sources if s not in stems]
-    if missing or extra:
-        raise CheckpointError(f"ISDM needs one checkpoint per stem {list(stems)}; "
-                              f"missing {missing}, unexpected {extra}")
-    parts, cfgs = [], []
-    for stem in stems:
-        cfg, den = load_checkpoint(sources[stem], map_location=map_location)
+    loaded = {}
+    for stem, src in sources.items():
+        cfg, den = load_checkpoint(src, map_location=map_location)
         if cfg.train.stem != stem:
             got = cfg.train.stem or "a joint model of " + ",".join(cfg.data.stems)
             raise CheckpointError(f"checkpoint given for stem {stem!r} is a prior of {got}")
-        parts.append(den)
-        cfgs.append(cfg)
-    rates = {c.data.sample_rate for c in cfgs}
-    if len(rates) > 1:
-        raise CheckpointError(f"ISDM checkpoints disagree on data.sample_rate: {sorted(rates)}")
-    chunks = {c.data.chunk_samples for c in cfgs}
-    if len(chunks) > 1:
-        raise CheckpointError(f"ISDM checkpoints disagree on data.chunk_samples: {sorted(chunks)}")
+        loaded[stem] = (cfg, den)
+    if not loaded:
+        raise CheckpointError("ISDM needs one single-stem checkpoint per stem; none given")
+    stems = tuple(stems or next(iter(loaded.values()))[0].data.stems)
+    missing = [s for s in stems if s not in loaded]
+    extra = [s for s in loaded if s not in stems]
+    if missing or extra:
+        raise CheckpointError(f"ISDM needs one checkpoint per stem {list(stems)}; "
+                              f"missing {missing}, unexpected {extra}")
+    cfgs = [loaded[s][0] for s in stems]
+    for key in ("sample_rate", "chunk_samples"):
+        values = {getattr(c.data, key) for c in cfgs}
+        if len(values) > 1:
+            raise CheckpointError(f"ISDM checkpoints disagree on data.{key}: {sorted(values)}")
     base = cfgs[0]
     cfg = dataclasses.replace(
         base,
-        data=dataclasses.replace(base.data, stems=tuple(stems)),
+        data=dataclasses.replace(base.data, stems=stems),
         train=dataclasses.replace(base.train, stem=""),
         sampler=dataclasses.replace(base.sampler, s_churn=ISDM_S_CHURN),
     )
-    return cfg, FactorizedDenoiser(parts).eval()
+    return cfg, FactorizedDenoiser([loaded[s][1] for s in stems]).eval()

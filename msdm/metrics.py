@@ -91,3 +91,17 @@ def summarize(windows: torch.Tensor, stems) -> dict[str, float]:
     out = {s: float(m) for s, m in zip(stems, means)}
     out["all"] = float(means.mean())
     return out
+
+
+def oracle_irm(references: torch.Tensor, n_fft: int = 1024, hop: int = 256) -> torch.Tensor:
+    """Ideal ratio mask separation [S, T] -> [S, T]: mask_n = |S_n|^2 / sum_m |S_m|^2 applied to
+    the mixture STFT. An upper reference for mask-based separators (it sees the true stems)."""
+    if references.ndim != 2:
+        raise ValueError(f"references must be [S, T], got {tuple(references.shape)}")
+    window = torch.hann_window(n_fft, dtype=torch.float64)
+    spec = torch.stft(references.double(), n_fft, hop, window=window, return_complex=True)
+    power = spec.abs() ** 2
+    mask = power / power.sum(0, keepdim=True).clamp_min(1e-20)
+    est = torch.istft(mask * spec.sum(0, keepdim=True), n_fft, hop, window=window,
+                      length=references.shape[-1])
+    return est.to(references.dtype)

@@ -50,10 +50,7 @@ def load_model(ckpt, overrides: dict | None = None, device: str = "cpu"):
         return io.BytesIO(storage.read_bytes(uri))
 
     if isinstance(ckpt, dict):
-        from msdm.config import STEMS
-
-        stems = [s for s in STEMS if s in ckpt] + [s for s in ckpt if s not in STEMS]
-        cfg, den = load_factorized({s: fetch(u) for s, u in ckpt.items()}, stems, device)
+        cfg, den = load_factorized({s: fetch(u) for s, u in ckpt.items()}, None, device)
     else:
         cfg, den = load_checkpoint(fetch(ckpt), map_location=device)
     if overrides:

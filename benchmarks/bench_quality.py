@@ -1,0 +1,232 @@
+"""Quality benchmark: does the whole pipeline learn to separate, and which samplers are cheap?
+
+    make bench-quality          # = python benchmarks/bench_quality.py  (~1.5 h on 2 CPUs)
+
+Fixed benchmark (seeds fixed): 60 generated Slakh-format songs of 20 s (`pipelines.synth --seed
+1234`: 42 train, 9 validation, 9 held-out test), prepared with the `small` preset (11.025 kHz,
+1.5 s chunks). Steps, all through the real jobs on a local Ray cluster:
+1. train `small` for --steps (default 6000, ~30 min on 2 CPUs);
+2. a Ray Tune sweep of cheap samplers on the validation split (tune_spaces/cost_aware.yaml);
+3. evaluate on the test split: the paper's sampler (Euler 150 x 2 = 300 NFE), the best swept
+   sampler and fixed cheap candidates; next to the mixture (0 dB) and the ideal ratio mask;
+4. optionally ISDM (--isdm): four single-stem priors with the same budget, same evaluation;
+5. imputation: the exact Gaussian oracle (regression on the conditional mean) and, on the
+   benchmark, the chroma agreement of an imputed piano part with the true one.
+Writes OUT/QUALITY.md, results.json and the plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from msdm.checkpoint import load_checkpoint
+from msdm.config import SamplerConfig
+from msdm.diffusion import GaussianDenoiser, gaussian_conditional
+from msdm.metrics import oracle_irm, summarize, windowed_si_sdri
+from msdm.tasks import generate, impute, item_generators
+
+STEMS = ("bass", "drums", "guitar", "piano")
+CANDIDATES = {  # fixed cheap samplers evaluated next to the paper's (NFE <= 75)
+    "heun-20": "sampler:\n  solver: heun\n  num_steps: 20\n  resamples: 1\n  s_churn: 1.0\n",
+    "heun-38": "sampler:\n  solver: heun\n  num_steps: 38\n  resamples: 1\n  s_churn: 2.0\n",
+    "euler-75": "sampler:\n  solver: euler\n  num_steps: 75\n  resamples: 1\n  s_churn: 10.0\n",
+    "euler-37x2": "sampler:\n  solver: euler\n  num_steps: 37\n  resamples: 2\n  s_churn: 10.0\n",
+}
+PAPER = "sampler:\n  solver: euler\n  num_steps: 150\n  resamples: 2\n  s_churn: 20.0\n"
+
+
+def job(name: str, *args: str) -> None:
+    print(f"\n$ python -m pipelines.{name} {' '.join(args)}", flush=True)
+    subprocess.run([sys.executable, "-m", f"pipelines.{name}", *args], check=True)
+
+
+def track_arrays(split_dir: Path) -> dict[str, np.ndarray]:
+    from pipelines.demo_report import track_stems
+
+    return track_stems(split_dir)
+
+
+def oracle_scores(split_dir: Path, sr: int) -> dict:
+    windows = []
+    for ref in track_arrays(split_dir).values():
+        ref_t = torch.from_numpy(ref)
+        windows.append(windowed_si_sdri(oracle_irm(ref_t), ref_t, sr))
+    return summarize(torch.cat(windows), STEMS)
+
+
+def gaussian_imputation() -> dict:
+    """Regression of imputed stems on E[x_u | x_k] under an exact Gaussian prior (1 = exact)."""
+    cov = torch.tensor([[0.040, 0.020, 0.010, 0.015], [0.020, 0.050, 0.012, 0.010],
+                        [0.010, 0.012, 0.030, 0.020], [0.015, 0.010, 0.020, 0.045]],
+                       dtype=torch.float64)
+    den = GaussianDenoiser(cov)
+    g = torch.Generator().manual_seed(4)
+    x = (torch.linalg.cholesky(cov) @ torch.randn(8, 4, 4096, generator=g,
+                                                  dtype=torch.float64)).float()
+    known = [True, False, True, False]
+    k = torch.tensor(known)
+    a, cond = gaussian_conditional(cov, known)
+    cm = torch.einsum("uk,bkt->but", a, x[:, k].double())
+    out = {}
+    for name, method, r in [("replace (paper)", "replace", 1), ("replace, 4 resamples",
+                            "replace", 4), ("reconstruction guidance", "guidance", 1)]:
+        cfg = SamplerConfig(num_steps=256, sigma_max=20.0, s_churn=10.0, resamples=r)
+        y = impute(den, x, known, cfg, method=method, generator=torch.Generator().manual_seed(5))
+        xu = y[:, ~k].double()
+        beta = float((xu * cm).sum() / (cm * cm).sum())
+        spread = float(((xu - cm).var(dim=(0, 2)) / cond.diagonal()).mean())
+        out[name] = {"regression": beta, "spread_vs_exact": spread,
+                     "nfe": 256 * r * (2 if method == "guidance" else 1)}
+    return out
+
+
+def chroma(x: np.ndarray, sr: int) -> np.ndarray:
+    """12-bin pitch-class energy profile over time [12, frames] (60 Hz - 2 kHz)."""
+    spec = torch.stft(torch.from_numpy(x).double(), 2048, 512,
+                      window=torch.hann_window(2048, dtype=torch.float64),
+                      return_complex=True).abs().numpy() ** 2
+    freqs = np.fft.rfftfreq(2048, 1 / sr)
+    sel = (freqs > 60) & (freqs < 2000)
+    pc = np.round(12 * np.log2(freqs[sel] / 440.0)).astype(int) % 12
+    prof = np.zeros((12, spec.shape[1]))
+    np.add.at(prof, pc, spec[sel])
+    return prof / (np.linalg.norm(prof, axis=0, keepdims=True) + 1e-12)
+
+
+def imputation_coherence(ckpt: Path, split_dir: Path, chunks: int, steps: int) -> dict:
+    """Impute the piano given bass, drums and guitar; chroma cosine with the true piano part."""
+    cfg, den = load_checkpoint(ckpt)
+    refs = [r for r in track_arrays(split_dir).values()]
+    n = cfg.data.chunk_samples
+    x = np.stack([r[:, i * n : (i + 1) * n] for r in refs for i in range(r.shape[-1] // n)])
+    x = x[np.abs(x[:, 3]).max(-1) > 0.01][:chunks]  # chunks that have a piano part
+    xt = torch.from_numpy(x)
+    known = [True, True, True, False]
+    sampler = SamplerConfig(num_steps=steps, sigma_max=20.0, s_churn=10.0, resamples=1)
+    seeds = list(range(len(xt)))
+    outs = {
+        "unconditional generation": generate(den, tuple(xt.shape), sampler,
+                                             generator=item_generators(seeds)),
+        "replace (paper)": impute(den, xt, known, sampler, generator=item_generators(seeds)),
+        "reconstruction guidance": impute(den, xt, known, sampler, method="guidance",
+                                          generator=item_generators(seeds),
+                                          sigma_data=cfg.diffusion.sigma_data),
+    }
+    res = {}
+    for name, y in outs.items():
+        sims = [float((chroma(y[i, 3].numpy(), cfg.data.sample_rate)
+                       * chroma(x[i, 3], cfg.data.sample_rate)).sum(0).mean())
+                for i in range(len(x))]
+        res[name] = {"chroma_cosine": float(np.mean(sims)), "chunks": len(x)}
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--out", default="bench_out/quality")
+    ap.add_argument("--steps", type=int, default=6000)
+    ap.add_argument("--trials", type=int, default=16)
+    ap.add_argument("--isdm", action="store_true", help="also train and score ISDM priors")
+    ap.add_argument("--reuse", action="store_true", help="keep data and runs of a previous run")
+    args = ap.parse_args(argv)
+    out = Path(args.out).resolve()
+    if not args.reuse:
+        shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    t0 = time.time()
+    if not (out / "prepared").exists():
+        job("synth", "--output", str(out / "slakh"), "--tracks", "60", "--seconds", "20",
+            "--seed", "1234")
+        job("prepare", "--input", str(out / "slakh"), "--output", str(out / "prepared"),
+            "--config", "small")
+    data = str(out / "prepared")
+    ckpt = out / "runs" / "msdm" / "model.ckpt"
+    if not ckpt.exists():
+        job("train", "--data", data, "--storage", str(out / "runs"), "--name", "msdm",
+            "--config", "small", "--max-steps", str(args.steps), "--cpus-per-worker", "2")
+    train_min = (time.time() - t0) / 60
+    if not (out / "sweep" / "s" / "best.yaml").exists():
+        job("tune", "--ckpt", str(ckpt), "--data", data, "--space", "tune_spaces/cost_aware.yaml",
+            "--num-samples", str(args.trials), "--max-chunks", "48", "--storage",
+            str(out / "sweep"), "--name", "s", "--max-concurrent", "2")
+    (out / "samplers").mkdir(exist_ok=True)
+    files = []
+    for name, text in {"paper": PAPER, **CANDIDATES}.items():
+        (out / "samplers" / f"{name}.yaml").write_text(text)
+        files += ["--sampler-config", str(out / "samplers" / f"{name}.yaml")]
+    shutil.copy(out / "sweep" / "s" / "best.yaml", out / "samplers" / "swept.yaml")
+    files += ["--sampler-config", str(out / "samplers" / "swept.yaml")]
+    job("evaluate", "--ckpt", str(ckpt), "--data", data, "--output", str(out / "eval"),
+        "--batch-size", "16", *files)
+    results = json.loads((out / "eval" / "results.json").read_text())
+    report = {"train_minutes": train_min, "steps": args.steps, "msdm": results["configs"],
+              "oracle_irm": oracle_scores(out / "prepared" / "test", 11025),
+              "imputation_gaussian_oracle": gaussian_imputation(),
+              "imputation_benchmark": imputation_coherence(ckpt, out / "prepared" / "test",
+                                                           24, 64)}
+    if args.isdm:
+        report["isdm"] = run_isdm(out, data, args.steps)
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    write_markdown(out, report)
+    print((out / "QUALITY.md").read_text())
+
+
+def run_isdm(out: Path, data: str, steps: int) -> list:
+    ckpts = []
+    for stem in STEMS:
+        ck = out / "runs" / f"isdm-{stem}" / "model.ckpt"
+        if not ck.exists():
+            job("train", "--data", data, "--storage", str(out / "runs"), "--name",
+                f"isdm-{stem}", "--config", "small", "--stem", stem, "--max-steps",
+                str(steps // 4), "--cpus-per-worker", "2")
+        ckpts.append(f"--ckpt={stem}={ck}")
+    (out / "samplers" / "paper-isdm.yaml").write_text(PAPER.replace("20.0", "40.0"))
+    job("evaluate", *ckpts, "--data", data, "--output", str(out / "eval-isdm"), "--batch-size",
+        "16", "--sampler-config", str(out / "samplers" / "paper-isdm.yaml"))
+    return json.loads((out / "eval-isdm" / "results.json").read_text())["configs"]
+
+
+def write_markdown(out: Path, r: dict) -> None:
+    from pipelines.report import markdown_table, plot_nfe, plot_stem_bars, read_csv
+
+    rows = [dict(c) for c in r["msdm"]]
+    rows.append({"name": "oracle IRM (sees the true stems)", "si_sdri": r["oracle_irm"],
+                 "windows": rows[0]["windows"], "nfe": 0, "seconds": 0.0})
+    rows.append({"name": "mixture as estimate", "si_sdri": {s: 0.0 for s in (*STEMS, "all")},
+                 "windows": rows[0]["windows"], "nfe": 0, "seconds": 0.0})
+    for c in r.get("isdm", []):
+        rows.append({**c, "name": f"ISDM: {c['name']}"})
+    plot_stem_bars([x for x in rows if x["nfe"] in (0, 300) or "swept" in x["name"]], STEMS,
+                   str(out / "si_sdri.png"), "held-out SI-SDRi (dB)")
+    trials = read_csv(str(out / "sweep" / "s" / "trials.csv"))
+    pts = [(float(t["nfe"]), float(t["si_sdri"]), "") for t in trials]
+    pts += [(c["nfe"], c["si_sdri"]["all"], c["name"]) for c in r["msdm"]]
+    plot_nfe(pts, str(out / "si_sdri_vs_nfe.png"))
+    imp_o, imp_b = r["imputation_gaussian_oracle"], r["imputation_benchmark"]
+    lines = ["# Quality benchmark", "",
+             f"`small` preset trained {r['steps']} steps ({r['train_minutes']:.0f} min incl. "
+             "data generation) on 42 generated songs; scored on 9 held-out songs.", "",
+             markdown_table(rows, STEMS), "", "![SI-SDRi](si_sdri.png)",
+             "![SI-SDRi vs NFE](si_sdri_vs_nfe.png)", "",
+             "## Imputation", "", "| method | regression on E[x_u|x_k] (exact: 1) | spread vs "
+             "exact | NFE |", "|---|---|---|---|",
+             *[f"| {k} | {v['regression']:.3f} | {v['spread_vs_exact']:.2f} | {v['nfe']} |"
+               for k, v in imp_o.items()], "",
+             "| piano given bass, drums, guitar | chroma cosine with the true piano |", "|---|---|",
+             *[f"| {k} | {v['chroma_cosine']:.3f} |" for k, v in imp_b.items()]]
+    (out / "QUALITY.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
