@@ -88,15 +88,15 @@ def plot_separation(mixture, stems, estimates, names, sample_rate: int, png_uri:
     fig, axes = plt.subplots(n, 3, figsize=(12, 1.7 * n), squeeze=False)
     t = np.arange(len(mixture)) / sample_rate
     rows = [("mixture", mixture, None)] + [(s, stems[i], estimates[i]) for i, s in enumerate(names)]
+    top = 10 * np.log10(np.mean(np.asarray(mixture, np.float64) ** 2) * 512 + 1e-12)
     for r, (name, ref, est) in enumerate(rows):
         axes[r, 0].plot(t, ref, lw=0.4, color="k", label="reference")
         if est is not None:
             axes[r, 0].plot(t, est, lw=0.4, color="C1", alpha=0.8, label="estimate")
         axes[r, 0].set_ylabel(name)
-        top = 10 * np.log10(np.mean(ref.astype(np.float64) ** 2) * 512 + 1e-12)
         for c, sig in ((1, ref), (2, est if est is not None else ref)):
             axes[r, c].specgram(sig + 1e-9, Fs=sample_rate, NFFT=512, noverlap=384, cmap="magma",
-                                vmin=top - 90, vmax=top + 10)  # same 100 dB range per row
+                                vmin=top - 90, vmax=top + 10)  # one 100 dB range for all panels
             axes[r, c].set_ylim(0, min(8000, sample_rate / 2))
     axes[0, 0].legend(fontsize=7, loc="upper right")
     axes[0, 1].set_title("reference spectrogram")

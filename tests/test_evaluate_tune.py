@@ -60,7 +60,7 @@ def test_evaluate_matches_direct_computation(synth_prepared, gauss_ckpt, tmp_pat
 
 @pytest.mark.slow
 def test_tune_four_trials_and_best_yaml_round_trips_into_evaluate(synth_prepared, gauss_ckpt,
-                                                                  tmp_path):
+                                                                  tmp_path, capfd):
     data = synth_prepared / "prepared"
     res = tune.main(["--ckpt", str(gauss_ckpt), "--data", str(data), "--space",
                      str(ROOT / "tune_spaces" / "cost_aware.yaml"), "--num-samples", "4",
@@ -68,6 +68,13 @@ def test_tune_four_trials_and_best_yaml_round_trips_into_evaluate(synth_prepared
                      "--smoke-test"])
     sweep = tmp_path / "sweeps" / "s"
     assert len(res["trials"]) == 4
+    again = tune.main(["--ckpt", str(gauss_ckpt), "--data", str(data), "--space",
+                       str(ROOT / "tune_spaces" / "cost_aware.yaml"), "--num-samples", "4",
+                       "--storage", str(tmp_path / "sweeps"), "--name", "s", "--max-chunks", "48",
+                       "--smoke-test"])  # same name: the finished sweep is restored, not re-run
+    assert "resuming sweep" in capfd.readouterr().out
+    assert sorted(t["si_sdri"] for t in again["trials"]) == sorted(t["si_sdri"]
+                                                                   for t in res["trials"])
     for f in ("best.yaml", "trials.csv", "trials.md", "si_sdri_vs_nfe.png"):
         assert (sweep / f).exists(), f
     best = yaml.safe_load((sweep / "best.yaml").read_text())
