@@ -27,7 +27,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_core.py
 
 bench-quality: $(STAMP)
-	$(BIN)/python benchmarks/bench_quality.py
+	$(BIN)/python benchmarks/bench_quality.py --isdm
 
 bench-all: $(STAMP)
 	$(BIN)/python benchmarks/bench_core.py

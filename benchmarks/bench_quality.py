@@ -1,15 +1,16 @@
 """Quality benchmark: does the whole pipeline learn to separate, and which samplers are cheap?
 
-    make bench-quality          # = python benchmarks/bench_quality.py  (~1.5 h on 2 CPUs)
+    make bench-quality   # = python benchmarks/bench_quality.py --isdm  (~2 h on 2 CPUs)
 
 Fixed benchmark (seeds fixed): 60 generated Slakh-format songs of 20 s (`pipelines.synth --seed
 1234`: 42 train, 9 validation, 9 held-out test), prepared with the `small` preset (11.025 kHz,
 1.5 s chunks). Steps, all through the real jobs on a local Ray cluster:
-1. train `small` for --steps (default 6000, ~30 min on 2 CPUs);
+1. train `small` for --steps (default 4000, ~30 min on 2 CPUs);
 2. a Ray Tune sweep of cheap samplers on the validation split (tune_spaces/cost_aware.yaml);
 3. evaluate on the test split: the paper's sampler (Euler 150 x 2 = 300 NFE), the best swept
    sampler and fixed cheap candidates; next to the mixture (0 dB) and the ideal ratio mask;
-4. optionally ISDM (--isdm): four single-stem priors with the same budget, same evaluation;
+4. optionally ISDM (--isdm): four single-stem priors sharing the same step budget, scored
+   with the same sampler as the MSDM `euler-75` row (the paper sampler x 4 models is ~1 h);
 5. imputation: the exact Gaussian oracle (regression on the conditional mean) and, on the
    benchmark, the chroma agreement of an imputed piano part with the true one.
 Writes OUT/QUALITY.md, results.json and the plots.
@@ -134,7 +135,7 @@ def imputation_coherence(ckpt: Path, split_dir: Path, chunks: int, steps: int) -
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", default="bench_out/quality")
-    ap.add_argument("--steps", type=int, default=6000)
+    ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--trials", type=int, default=16)
     ap.add_argument("--isdm", action="store_true", help="also train and score ISDM priors")
     ap.add_argument("--reuse", action="store_true", help="keep data and runs of a previous run")
@@ -191,9 +192,8 @@ def run_isdm(out: Path, data: str, steps: int) -> list:
                 f"isdm-{stem}", "--config", "small", "--stem", stem, "--max-steps",
                 str(steps // 4), "--cpus-per-worker", "2")
         ckpts.append(f"--ckpt={stem}={ck}")
-    (out / "samplers" / "paper-isdm.yaml").write_text(PAPER.replace("20.0", "40.0"))
     job("evaluate", *ckpts, "--data", data, "--output", str(out / "eval-isdm"), "--batch-size",
-        "16", "--sampler-config", str(out / "samplers" / "paper-isdm.yaml"))
+        "16", "--sampler-config", str(out / "samplers" / "euler-75.yaml"))
     return json.loads((out / "eval-isdm" / "results.json").read_text())["configs"]
 
 
@@ -207,7 +207,8 @@ def write_markdown(out: Path, r: dict) -> None:
                  "windows": rows[0]["windows"], "nfe": 0, "seconds": 0.0})
     for c in r.get("isdm", []):
         rows.append({**c, "name": f"ISDM: {c['name']}"})
-    plot_stem_bars([x for x in rows if x["nfe"] in (0, 300) or "swept" in x["name"]], STEMS,
+    plot_stem_bars([x for x in rows if x["nfe"] in (0, 300) or "swept" in x["name"]
+                    or "euler-75" in x["name"]], STEMS,
                    str(out / "si_sdri.png"), "held-out SI-SDRi (dB)")
     trials = read_csv(str(out / "sweep" / "s" / "trials.csv"))
     pts = [(float(t["nfe"]), float(t["si_sdri"]), "") for t in trials]

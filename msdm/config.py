@@ -264,7 +264,7 @@ PRESETS: dict[str, dict] = {
         "data": {"sample_rate": 11025, "chunk_samples": 16384, "shard_mb": 32.0},
         "model": {
             "channels": 32,
-            "patch_factor": 8,
+            "patch_factor": 4,  # 4 stems x 4 samples -> 32 channels; 8 starved the top level
             "multipliers": [1, 2, 4, 4],
             "factors": [4, 4, 2],
             "num_blocks": [1, 1, 1],
