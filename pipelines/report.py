@@ -69,7 +69,12 @@ def plot_nfe(points: list[tuple[float, float, str]], png_uri: str) -> None:
     """SI-SDRi against number of model evaluations, one point per trial/config."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    top = max((p[1] for p in points), default=0.0)
+    floor = top - 30.0  # diverged samplers (-60 dB) would flatten the interesting part
     for nfe, score, label in points:
+        if score < floor:  # off scale: drawn on the floor as a downward triangle
+            ax.scatter(nfe, floor, s=25, marker="v", color="grey")
+            continue
         ax.scatter(nfe, score, s=25)
         if label:
             ax.annotate(label, (nfe, score), fontsize=7, xytext=(3, 3),

@@ -110,9 +110,6 @@ def sweep_trial(config: dict, ckpt, base: dict, val: dict, seed: int, cost_per_n
     NFE and a cost-aware score."""
     from ray import tune
 
-    from msdm.metrics import summarize
-    from msdm.sampling import nfe
-
     device = pick_device(num_gpus)
     key = (str(ckpt), device)
     if key not in _MODELS:
@@ -127,19 +124,36 @@ def sweep_trial(config: dict, ckpt, base: dict, val: dict, seed: int, cost_per_n
                                                            val["chunk_index"][i : i + batch_size])]
         mix = xb.sum(1, keepdim=True).to(device)
         est.append(separate_with_config(den, mix, cfg, seeds).cpu())
-    group = {"track_id": val["track_id"], "chunk_index": val["chunk_index"],
-             "est": torch.cat(est).numpy(), "ref": val["x"]}
-    windows = []
-    for t in sorted(set(val["track_id"])):
-        sel = val["track_id"] == t
-        windows.append(score_track({k: v[sel] for k, v in group.items()},
-                                   cfg.data.sample_rate)["si_sdri"])
-    w = torch.from_numpy(np.concatenate(windows)).reshape(-1, len(cfg.data.stems))
-    scores = summarize(w, cfg.data.stems)
+    tune.report(trial_metrics(torch.cat(est), val, cfg, cost_per_nfe))
+
+
+DIVERGED_DB = -60.0  # what a trial whose sampler blew up scores, so the search steers away
+
+
+def trial_metrics(est: torch.Tensor, val: dict, cfg, cost_per_nfe: float) -> dict:
+    """Mean windowed SI-SDRi of `est` [N, S, T] against the chunks in `val`, the NFE and the
+    cost-aware score. A sampler that diverged (non-finite estimates, e.g. Euler + Dirac with too
+    few steps) is a result, not an error: it scores DIVERGED_DB with `diverged` = 1."""
+    from msdm.metrics import summarize
+    from msdm.sampling import nfe
+
     k = nfe(cfg.sampler.num_steps, cfg.sampler.resamples, cfg.sampler.solver)
-    tune.report({"si_sdri": scores["all"], "nfe": k, "windows": int(w.shape[0]),
-                 "score": scores["all"] - cost_per_nfe * k,
-                 **{f"si_sdri_{s}": scores[s] for s in cfg.data.stems}})
+    if not torch.isfinite(est).all():
+        scores = {s: DIVERGED_DB for s in (*cfg.data.stems, "all")}
+        windows, diverged = 0, 1
+    else:
+        group = {"track_id": val["track_id"], "chunk_index": val["chunk_index"],
+                 "est": est.numpy(), "ref": val["x"]}
+        per_track = []
+        for t in sorted(set(val["track_id"])):
+            sel = val["track_id"] == t
+            per_track.append(score_track({k_: v[sel] for k_, v in group.items()},
+                                         cfg.data.sample_rate)["si_sdri"])
+        w = torch.from_numpy(np.concatenate(per_track)).reshape(-1, len(cfg.data.stems))
+        scores, windows, diverged = summarize(w, cfg.data.stems), int(w.shape[0]), 0
+    return {"si_sdri": scores["all"], "nfe": k, "windows": windows, "diverged": diverged,
+            "score": scores["all"] - cost_per_nfe * k,
+            **{f"si_sdri_{s}": scores[s] for s in cfg.data.stems}}
 
 
 def model_multiple(cfg) -> int:

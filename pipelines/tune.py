@@ -138,7 +138,8 @@ def _write_outputs(grid, spec, sweep_uri, metric, mode) -> dict:
         if r.error or not r.metrics or metric not in r.metrics:
             continue
         trials.append({**{k: r.config.get(k) for k in keys},
-                       **{m: r.metrics.get(m) for m in ("si_sdri", "nfe", "score", "windows")}})
+                       **{m: r.metrics.get(m) for m in ("si_sdri", "nfe", "score", "windows",
+                                                         "diverged")}})
     if not trials:
         raise SystemExit(f"no trial finished; errors: {[str(e)[-400:] for e in grid.errors]}")
     trials.sort(key=lambda t: t[metric], reverse=(mode == "max"))

@@ -118,3 +118,29 @@ def test_ckpt_arguments():
         parse_ckpt(["bass=a.ckpt", "b.ckpt"])
     with pytest.raises(ValueError, match="twice"):
         parse_ckpt(["bass=a.ckpt", "bass=b.ckpt"])
+
+
+def test_trial_metrics_scores_finite_estimates_and_floors_diverged_ones():
+    from msdm.config import load_config
+    from pipelines.stages import DIVERGED_DB, trial_metrics
+
+    cfg = load_config("tiny", {"data.sample_rate": 1000, "data.chunk_samples": 2048,
+                               "sampler.num_steps": 10, "sampler.resamples": 2})
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 4, 2048, generator=g) * torch.tensor([1.0, 0.5, 0.3, 0.2])[:, None]
+    val = {"x": x.numpy(), "track_id": np.array(["a"] * 3 + ["b"] * 3),
+           "chunk_index": np.array([0, 1, 2, 0, 1, 2], dtype=np.int32)}
+    est = x + 0.1 * torch.randn(x.shape, generator=g)
+    m = trial_metrics(est, val, cfg, cost_per_nfe=0.01)
+    direct = torch.cat([windowed_si_sdri(torch.cat(list(est[i:i + 3]), -1),
+                                         torch.cat(list(x[i:i + 3]), -1), 1000) for i in (0, 3)])
+    want = summarize(direct, cfg.data.stems)
+    assert m["diverged"] == 0 and m["windows"] == direct.shape[0] > 0 and m["nfe"] == 20
+    assert m["si_sdri"] == pytest.approx(want["all"]) and m["si_sdri_piano"] == pytest.approx(
+        want["piano"])
+    assert m["score"] == pytest.approx(want["all"] - 0.2)
+    est[4, 2, 100] = float("nan")  # a sampler that blew up on one chunk
+    bad = trial_metrics(est, val, cfg, cost_per_nfe=0.01)
+    assert bad["diverged"] == 1 and bad["windows"] == 0
+    assert bad["si_sdri"] == bad["si_sdri_bass"] == DIVERGED_DB
+    assert bad["score"] == pytest.approx(DIVERGED_DB - 0.2)
