@@ -43,8 +43,13 @@ def _direct(ckpt, split_dir, overrides=None, seed=0):
 @pytest.mark.slow
 def test_evaluate_matches_direct_computation(synth_prepared, gauss_ckpt, tmp_path):
     data = synth_prepared / "prepared"
+    same = tmp_path / "same.yaml"  # the checkpoint's own sampler, written out: reused, not re-run
+    same.write_text("sampler:\n  num_steps: 20\nseparation:\n  likelihood: dirac\n")
     out = evaluate.main(["--ckpt", str(gauss_ckpt), "--data", str(data), "--output",
-                         str(tmp_path / "eval"), "--batch-size", "5"])
+                         str(tmp_path / "eval"), "--batch-size", "5", "--sampler-config",
+                         str(same)])
+    assert out["configs"][1]["same_as"] == "checkpoint sampler"
+    assert out["configs"][1]["si_sdri"] == out["configs"][0]["si_sdri"]
     scores, windows, by_refs = _direct(gauss_ckpt, data / "test")
     # 9 s songs at 22050 Hz in 4096-sample chunks: 48 chunks = 8.9 s -> 4 windows (4 s / 2 s)
     assert out["windows"] == windows == by_refs == 4
