@@ -9,8 +9,8 @@ Fixed benchmark (seeds fixed): 60 generated Slakh-format songs of 20 s (`pipelin
 2. a Ray Tune sweep of cheap samplers on the validation split (tune_spaces/cost_aware.yaml);
 3. evaluate on the test split: the paper's sampler (Euler 150 x 2 = 300 NFE), the best swept
    sampler and fixed cheap candidates; next to the mixture (0 dB) and the ideal ratio mask;
-4. optionally ISDM (--isdm): four single-stem priors sharing the same step budget, scored
-   with the same sampler as the MSDM `euler-75` row (the paper sampler x 4 models is ~1 h);
+4. optionally ISDM (--isdm): four single-stem priors sharing the same step budget; MSDM and
+   ISDM scored side by side with the swept sampler on the first 3 test songs;
 5. imputation: the exact Gaussian oracle (regression on the conditional mean) and, on the
    benchmark, the chroma agreement of an imputed piano part with the true one.
 Writes OUT/QUALITY.md, results.json and the plots.
@@ -198,6 +198,8 @@ def publish(out: Path, report: dict) -> None:
 
 
 def run_isdm(out: Path, data: str, steps: int) -> list:
+    """Four single-stem priors sharing MSDM's step budget, then MSDM and ISDM side by side with
+    the swept sampler on the first 3 test songs (39 chunks; ISDM costs 4 models per NFE)."""
     ckpts = []
     for stem in STEMS:
         ck = out / "runs" / f"isdm-{stem}" / "model.ckpt"
@@ -206,9 +208,16 @@ def run_isdm(out: Path, data: str, steps: int) -> list:
                 f"isdm-{stem}", "--config", "small", "--stem", stem, "--max-steps",
                 str(steps // 4), "--cpus-per-worker", "2")
         ckpts.append(f"--ckpt={stem}={ck}")
-    job("evaluate", *ckpts, "--data", data, "--output", str(out / "eval-isdm"), "--batch-size",
-        "16", "--sampler-config", str(out / "samplers" / "euler-75.yaml"))
-    return json.loads((out / "eval-isdm" / "results.json").read_text())["configs"]
+    rows = []
+    for name, ck in (("MSDM", [f"--ckpt={out / 'runs' / 'msdm' / 'model.ckpt'}"]),
+                     ("ISDM", ckpts)):
+        dest = out / f"eval-{name.lower()}-3songs"
+        job("evaluate", *ck, "--data", data, "--output", str(dest), "--batch-size", "16",
+            "--max-chunks", "39", "--skip-checkpoint-sampler", "--sampler-config",
+            str(out / "samplers" / "swept.yaml"))
+        rows += [{**c, "name": f"{name}, {c['name']} (3 test songs)"}
+                 for c in json.loads((dest / "results.json").read_text())["configs"]]
+    return rows
 
 
 def write_markdown(out: Path, r: dict) -> None:
@@ -219,10 +228,9 @@ def write_markdown(out: Path, r: dict) -> None:
                  "windows": rows[0]["windows"], "nfe": 0, "seconds": 0.0})
     rows.append({"name": "mixture as estimate", "si_sdri": {s: 0.0 for s in (*STEMS, "all")},
                  "windows": rows[0]["windows"], "nfe": 0, "seconds": 0.0})
-    for c in r.get("isdm", []):
-        rows.append({**c, "name": f"ISDM: {c['name']}"})
-    plot_stem_bars([x for x in rows if x["nfe"] in (0, 300) or "swept" in x["name"]
-                    or "euler-75" in x["name"]], STEMS,
+    rows += r.get("isdm", [])
+    plot_stem_bars([x for x in rows if "same_as" not in x
+                    and (x["nfe"] in (0, 300) or "swept" in x["name"])], STEMS,
                    str(out / "si_sdri.png"), "held-out SI-SDRi (dB)")
     trials = read_csv(str(out / "sweep" / "s" / "trials.csv"))
     pts = [(float(t["nfe"]), float(t["si_sdri"]), "") for t in trials]

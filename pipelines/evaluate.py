@@ -39,6 +39,8 @@ def build_parser():
     p.add_argument("--split", default="test")
     p.add_argument("--sampler-config", action="append", default=[],
                    help="YAML of sampler/separation keys (e.g. a sweep's best.yaml); repeatable")
+    p.add_argument("--skip-checkpoint-sampler", action="store_true",
+                   help="score only the --sampler-config files, not the checkpoint's own sampler")
     p.add_argument("--max-chunks", type=int, default=0, help="first N chunks only (0 = all)")
     p.add_argument("--output", required=True, help="folder for results.json, .md and .png")
     p.add_argument("--actors", type=int, default=1, help="model replicas (actor pool size)")
@@ -79,10 +81,12 @@ def _set(args) -> dict:
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     ckpt = parse_ckpt(args.ckpt)
-    configs = [("checkpoint sampler", {})]
+    configs = [] if args.skip_checkpoint_sampler else [("checkpoint sampler", {})]
     for f in args.sampler_config:
         name = os.path.splitext(os.path.basename(f))[0]
         configs.append((name, load_sampler_yaml(fetch_local(f))))
+    if not configs:
+        raise SystemExit("evaluate: --skip-checkpoint-sampler needs at least one --sampler-config")
     cfg, _ = load_model(ckpt, _set(args))
     if dry_run(cfg, args, {"configs": configs}):
         return {}

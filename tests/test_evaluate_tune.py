@@ -87,9 +87,10 @@ def test_tune_four_trials_and_best_yaml_round_trips_into_evaluate(synth_prepared
     assert best["sampler"]["num_steps"] == res["best"]["sampler.num_steps"]
     out = evaluate.main(["--ckpt", str(gauss_ckpt), "--data", str(data), "--split", "validation",
                          "--output", str(tmp_path / "ev"), "--sampler-config",
-                         str(sweep / "best.yaml")])
-    row = out["configs"][1]
-    assert row["name"] == "best"
+                         str(sweep / "best.yaml"), "--skip-checkpoint-sampler"])
+    assert len(out["configs"]) == 1
+    row = out["configs"][0]
+    assert row["name"] == "best" and out["si_sdri"] == row["si_sdri"]
     assert row["sampler"]["num_steps"] == best["sampler"]["num_steps"]
     assert row["separation"]["constrained"] == best["separation"]["constrained"]
     # the sweep scored the same chunks with the same seeds: same number
