@@ -75,7 +75,7 @@ def plot_nfe(points: list[tuple[float, float, str]], png_uri: str) -> None:
         if score < floor:  # off scale: drawn on the floor as a downward triangle
             ax.scatter(nfe, floor, s=25, marker="v", color="grey")
             continue
-        ax.scatter(nfe, score, s=25)
+        ax.scatter(nfe, score, s=25, color="C3" if label else "C0")  # labelled: named configs
         if label:
             ax.annotate(label, (nfe, score), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
