@@ -34,6 +34,7 @@ from msdm.config import SamplerConfig
 from msdm.diffusion import GaussianDenoiser, gaussian_conditional
 from msdm.metrics import oracle_irm, summarize, windowed_si_sdri
 from msdm.tasks import generate, impute, item_generators
+from pipelines.demo_report import track_stems
 
 STEMS = ("bass", "drums", "guitar", "piano")
 CANDIDATES = {  # fixed cheap samplers evaluated next to the paper's (NFE <= 75)
@@ -50,15 +51,9 @@ def job(name: str, *args: str) -> None:
     subprocess.run([sys.executable, "-m", f"pipelines.{name}", *args], check=True)
 
 
-def track_arrays(split_dir: Path) -> dict[str, np.ndarray]:
-    from pipelines.demo_report import track_stems
-
-    return track_stems(split_dir)
-
-
 def oracle_scores(split_dir: Path, sr: int) -> dict:
     windows = []
-    for ref in track_arrays(split_dir).values():
+    for ref in track_stems(split_dir).values():
         ref_t = torch.from_numpy(ref)
         windows.append(windowed_si_sdri(oracle_irm(ref_t), ref_t, sr))
     return summarize(torch.cat(windows), STEMS)
@@ -106,7 +101,7 @@ def chroma(x: np.ndarray, sr: int) -> np.ndarray:
 def imputation_coherence(ckpt: Path, split_dir: Path, chunks: int, steps: int) -> dict:
     """Impute the piano given bass, drums and guitar; chroma cosine with the true piano part."""
     cfg, den = load_checkpoint(ckpt)
-    refs = [r for r in track_arrays(split_dir).values()]
+    refs = list(track_stems(split_dir).values())
     n = cfg.data.chunk_samples
     x = np.stack([r[:, i * n : (i + 1) * n] for r in refs for i in range(r.shape[-1] // n)])
     x = x[np.abs(x[:, 3]).max(-1) > 0.01][:chunks]  # chunks that have a piano part
