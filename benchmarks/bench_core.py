@@ -73,7 +73,7 @@ def main(argv=None):
     ref = None
     for name, kw in SETTINGS:
         cfg = msdm.SamplerConfig(**kw)
-        k = nfe(cfg.num_steps, cfg.resamples, cfg.solver)
+        k = nfe(cfg)
         ref = ref or k
         t0 = time.perf_counter()
         msdm.separate(den, mixture, 4, cfg, generator=torch.Generator().manual_seed(0))

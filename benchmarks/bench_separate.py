@@ -33,12 +33,13 @@ from msdm.audio import (
 )
 from msdm.checkpoint import build_denoiser, load_checkpoint, save
 from msdm.config import load_config
-from msdm.tasks import separate_with_config
+from pipelines.models import Separator
 
 
 def plain_loop(ckpt: Path, files: list[Path], out: Path, batch: int) -> float:
     """Audio seconds per wall second: decode -> segments -> separate -> overlap-add -> write."""
-    cfg, den = load_checkpoint(ckpt)
+    cfg, _ = load_checkpoint(ckpt)
+    separator = Separator(str(ckpt), cfg)
     n = cfg.data.chunk_samples
     margin, overlap = int(cfg.separation.margin * n), int(cfg.separation.overlap * n)
     total, t0 = 0.0, time.perf_counter()
@@ -49,8 +50,8 @@ def plain_loop(ckpt: Path, files: list[Path], out: Path, batch: int) -> float:
         segs = np.stack([extract_segment(mono, plan, j) for j in range(plan.num_segments)])
         outs = []
         for i in range(0, len(segs), batch):
-            mix = torch.from_numpy(segs[i : i + batch])[:, None]
-            outs.append(separate_with_config(den, mix, cfg, list(range(i, i + len(mix)))).numpy())
+            mix = segs[i : i + batch]
+            outs.append(separator(mix, [(f.stem, j) for j in range(i, i + len(mix))]))
         stems = resample(overlap_add(np.concatenate(outs), plan), cfg.data.sample_rate, sr)
         for k, s in enumerate(cfg.data.stems):
             write_audio(out / f"{f.stem}_{s}.wav", stems[k], sr)
@@ -60,12 +61,16 @@ def plain_loop(ckpt: Path, files: list[Path], out: Path, batch: int) -> float:
 
 def gpu_paper() -> None:
     cfg = load_config("paper")
-    den = build_denoiser(cfg).cuda().eval()
-    mix = torch.randn(1, 1, cfg.data.chunk_samples, device="cuda") * 0.1
-    separate_with_config(den, mix, load_config("paper", ["sampler.num_steps=2"]), [0])
+    path = Path(tempfile.mkdtemp()) / "paper.ckpt"
+    save(path, cfg, build_denoiser(cfg))
+    separator = Separator(str(path), cfg, num_gpus=1)
+    mix = np.random.default_rng(0).standard_normal((1, cfg.data.chunk_samples)) * 0.1
+    separator.cfg = load_config("paper", ["sampler.num_steps=2"])
+    separator(mix, [("warm", 0)])
+    separator.cfg = cfg
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    separate_with_config(den, mix, cfg, [0])
+    separator(mix, [("x", 0)])
     torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     audio = cfg.data.chunk_samples / cfg.data.sample_rate

@@ -72,7 +72,7 @@ def main(argv=None):
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    from msdm.synth import generate_dataset
+    from pipelines.songs import generate_dataset
 
     generate_dataset(work / "slakh", args.tracks, 12.0, seed=2)
     import ray

@@ -5,8 +5,9 @@ separation are closures over one sampler. This package never imports Ray.
 """
 
 from .checkpoint import load_checkpoint, load_factorized
-from .config import Config, SamplerConfig, load_config
+from .config import Config, load_config
 from .diffusion import Denoiser, FactorizedDenoiser, GaussianDenoiser
+from .sampling import SamplerConfig
 from .tasks import generate, impute, separate
 
 __version__ = "0.1.0"

@@ -21,6 +21,7 @@ import torch
 import torchaudio.functional as AF
 
 AUDIO_FORMATS = ("wav", "flac", "ogg", "mp3", "aiff", "aif", "au", "w64")  # soundfile decodes
+AUDIO_EXTENSIONS = tuple(f".{f}" for f in AUDIO_FORMATS)
 
 
 class AudioError(ValueError):
@@ -42,15 +43,6 @@ def read_audio(source, name: str | None = None) -> tuple[np.ndarray, int]:
     if not np.isfinite(data).all():
         raise AudioError(f"{name}: audio contains NaN or infinite samples")
     return np.ascontiguousarray(data.T), int(sr)
-
-
-def audio_info(source) -> tuple[int, int, int]:
-    """(frames, sample_rate, channels) without decoding."""
-    try:
-        info = sf.info(source)
-    except Exception as e:
-        raise AudioError(f"{source}: cannot read audio header ({e})") from e
-    return info.frames, info.samplerate, info.channels
 
 
 def to_mono(x: np.ndarray) -> np.ndarray:
@@ -109,6 +101,12 @@ class SegmentPlan:
         if core <= self.overlap or self.margin < 0 or self.overlap < 0:
             raise ValueError(f"segment {self.segment} too short for margin {self.margin} and "
                              f"overlap {self.overlap}: need segment > 2 * margin + overlap")
+
+    @classmethod
+    def from_fractions(cls, num_samples: int, segment: int, margin: float,
+                       overlap: float) -> SegmentPlan:
+        """Margin and overlap given as fractions of the segment (`separation.margin/overlap`)."""
+        return cls(num_samples, segment, int(margin * segment), int(overlap * segment))
 
     @property
     def core(self) -> int:

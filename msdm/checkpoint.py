@@ -8,6 +8,7 @@ them. `format_version` is bumped when the layout changes. Paths or binary file o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import logging
 from pathlib import Path
@@ -15,12 +16,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import Config, ConfigError
-from .diffusion import Denoiser, FactorizedDenoiser, GaussianDenoiser
-from .model import build_network
+from .config import Config, ConfigError, get_preset
+from .diffusion import Denoiser, FactorizedDenoiser
+from .model import build_network, count_parameters
 
 FORMAT_VERSION = 1
 ISDM_S_CHURN = 40.0  # paper: ISDM Dirac separation uses S_churn 40 (MSDM: 20)
+MAX_PARAMETERS_FACTOR = 4  # refuse networks larger than 4x the paper preset before allocating
 log = logging.getLogger(__name__)
 
 
@@ -29,11 +31,20 @@ class CheckpointError(ValueError):
 
 
 def build_denoiser(cfg: Config, num_stems: int | None = None) -> nn.Module:
-    """An untrained denoiser for `cfg` (model.kind "unet" or "gaussian")."""
-    s = num_stems or cfg.num_stems
-    if cfg.model.kind == "gaussian":
-        return GaussianDenoiser(torch.eye(s, dtype=torch.float64) * cfg.diffusion.sigma_data**2)
-    return Denoiser(build_network(cfg.model, s), cfg.diffusion.sigma_data, cfg.diffusion.clamp)
+    """An untrained denoiser D(x; sigma) for `cfg`: the U-Net inside EDM preconditioning."""
+    net = build_network(cfg.model, num_stems or cfg.num_stems)
+    return Denoiser(net, cfg.diffusion.sigma_data, cfg.diffusion.clamp)
+
+
+def parameter_count(cfg: Config) -> int:
+    """Parameters of the network `cfg` describes, counted on the meta device (no memory)."""
+    with torch.device("meta"):
+        return count_parameters(build_network(cfg.model, cfg.num_stems))
+
+
+@functools.lru_cache(maxsize=1)
+def max_parameters() -> int:
+    return MAX_PARAMETERS_FACTOR * parameter_count(get_preset("paper"))
 
 
 def save(target, cfg: Config, model: nn.Module, ema: nn.Module | None = None, step: int = 0,
@@ -61,11 +72,15 @@ def _unwrap(m: nn.Module) -> nn.Module:
     return getattr(m, "module", m)  # DDP
 
 
-def load_state(source, map_location="cpu") -> dict:
-    """Read and validate a checkpoint dict; a corrupt or foreign file raises CheckpointError."""
-    name = str(source) if isinstance(source, (str, Path)) else "checkpoint stream"
-    if isinstance(source, (str, Path)) and not Path(source).exists():
-        raise CheckpointError(f"{name}: no such checkpoint file")
+def load_state(source, map_location="cpu", name: str | None = None) -> dict:
+    """Read and validate a checkpoint dict; a corrupt, foreign or malformed file raises
+    CheckpointError naming it. Nothing in the file is executed (weights_only unpickling)."""
+    name = name or (str(source) if isinstance(source, (str, Path)) else "checkpoint stream")
+    if isinstance(source, (str, Path)):
+        if Path(source).is_dir():
+            raise CheckpointError(f"{name} is a folder, not a checkpoint file")
+        if not Path(source).exists():
+            raise CheckpointError(f"{name}: no such checkpoint file")
     if isinstance(source, bytes):
         source = io.BytesIO(source)
     try:
@@ -75,30 +90,52 @@ def load_state(source, map_location="cpu") -> dict:
                               f"({type(e).__name__}: {str(e)[:200]})") from e
     if not isinstance(state, dict) or "format_version" not in state or "config" not in state:
         raise CheckpointError(f"{name} is not an msdm checkpoint (missing format_version/config)")
-    if state["format_version"] > FORMAT_VERSION:
-        raise CheckpointError(f"{name} has format_version {state['format_version']}; this msdm "
+    version = state["format_version"]
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f"{name}: format_version must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{name} has format_version {version}; this msdm "
                               f"reads up to {FORMAT_VERSION}: upgrade msdm")
+    for key in ("model", "ema"):
+        if not isinstance(state.get(key), dict) and not (key == "ema" and state.get(key) is None):
+            raise CheckpointError(f"{name}: '{key}' must be a dict of tensors, "
+                                  f"got {type(state.get(key)).__name__}")
     try:
         state["config"] = Config.from_dict(state["config"])
     except ConfigError as e:
         raise CheckpointError(f"{name}: stored config does not match this msdm: {e}") from e
+    state["step"] = state.get("step") if isinstance(state.get("step"), int) else 0
+    state["extra"] = state.get("extra") if isinstance(state.get("extra"), dict) else {}
     return state
 
 
-def load_checkpoint(source, use_ema: bool = True, map_location="cpu"):
+def check_size(cfg: Config, name: str = "checkpoint") -> int:
+    """Refuse a config whose network is larger than the cap, before any memory is allocated."""
+    count, cap = parameter_count(cfg), max_parameters()
+    if count > cap:
+        raise CheckpointError(f"{name}: its config describes a {count / 1e6:.0f} M-parameter "
+                              f"network, above the cap of {cap / 1e6:.0f} M "
+                              f"({MAX_PARAMETERS_FACTOR}x the paper preset); refusing to build it")
+    return count
+
+
+def load_checkpoint(source, use_ema: bool = True, map_location="cpu", name: str | None = None):
     """Load a checkpoint as (cfg, denoiser) in eval mode, EMA weights by default."""
-    state = load_state(source, map_location)
+    name = name or (str(source) if isinstance(source, (str, Path)) else "checkpoint stream")
+    state = load_state(source, map_location, name)
     cfg: Config = state["config"]
+    check_size(cfg, name)
     denoiser = build_denoiser(cfg)
     weights = state["ema"] if use_ema and state.get("ema") is not None else state["model"]
     try:
         denoiser.load_state_dict(weights)
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint weights do not fit its config: {str(e)[:300]}") from e
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{name}: weights do not fit its config: {str(e)[:300]}") from e
     return cfg, denoiser.to(map_location).eval().requires_grad_(False)
 
 
-def load_factorized(sources: dict[str, object], stems=None, map_location="cpu"):
+def load_factorized(sources: dict[str, object], stems=None, map_location="cpu",
+                    names: dict[str, str] | None = None):
     """ISDM: one single-stem checkpoint per stem -> (joint cfg, FactorizedDenoiser).
 
     `sources` maps stem name -> path/file. Every stem of the checkpoints' `data.stems` (or of
@@ -107,7 +144,8 @@ def load_factorized(sources: dict[str, object], stems=None, map_location="cpu"):
     """
     loaded = {}
     for stem, src in sources.items():
-        cfg, den = load_checkpoint(src, map_location=map_location)
+        cfg, den = load_checkpoint(src, map_location=map_location,
+                                   name=(names or {}).get(stem))
         if cfg.train.stem != stem:
             got = cfg.train.stem or "a joint model of " + ",".join(cfg.data.stems)
             raise CheckpointError(f"checkpoint given for stem {stem!r} is a prior of {got}")

@@ -1,14 +1,16 @@
-"""Configuration: nested frozen dataclasses, strict loading, presets and dotted overrides.
+"""Configuration: nested frozen dataclasses, one strict loader, YAML presets, dotted overrides.
 
-The only place defaults live. Defaults are the released MSDM values (Mariani et al., ICLR 2024,
-`exp/train_msdm.yaml`, `exp/eval_msdm_dirac.yaml`); the `asdict` form is what crosses process
-boundaries (Ray configs, checkpoints, `config.json` in run folders).
+Defaults are the released MSDM values (Mariani et al., ICLR 2024, `exp/train_msdm.yaml`,
+`exp/eval_msdm_dirac.yaml`); presets are YAML files in `msdm/presets/` applied over them. Every
+dict goes through `Config.from_dict`, which checks keys and types once; each section's
+`__post_init__` checks its values and `Config.__post_init__` the rules between sections. The
+`to_dict` form crosses process boundaries (Ray configs, checkpoints, `config.json` in run folders).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +18,23 @@ from typing import Any, Literal
 
 import yaml
 
+from .model import ModelConfig, multiple
+from .sampling import SamplerConfig
+
 STEMS = ("bass", "drums", "guitar", "piano")
+STEM_NAME = re.compile(r"^[A-Za-z0-9_-]+$")  # stem names become file names
+PRESET_DIR = Path(__file__).with_name("presets")
+PRESETS = ("paper", "small", "tiny")
+Model = ModelConfig  # the `model` section lives with the network it describes
 
 
 class ConfigError(ValueError):
     """A config key or value that does not fit the schema."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
 
 
 @dataclass(frozen=True)
@@ -36,24 +50,16 @@ class Data:
     min_seconds: float = 0.0  # prepare: skip tracks shorter than this (paper loader: 12 s)
     random_shift: bool = False  # train: circular roll by U[-L/2, L/2) (paper: jittered crops)
 
-
-@dataclass(frozen=True)
-class Model:
-    kind: Literal["unet", "gaussian"] = "unet"  # "gaussian": analytic prior (tests, oracles)
-    channels: int = 256
-    patch_factor: int = 16
-    multipliers: tuple[int, ...] = (1, 2, 4, 4, 4, 4, 4)
-    factors: tuple[int, ...] = (4, 4, 4, 2, 2, 2)
-    num_blocks: tuple[int, ...] = (2, 2, 2, 2, 2, 2)
-    attentions: tuple[bool, ...] = (False, False, False, True, True, True)
-    attention_heads: int = 8
-    attention_features: int = 128  # per head
-    attention_multiplier: int = 2  # feed-forward width factor
-    resnet_groups: int = 8
-    kernel_multiplier_downsample: int = 2  # down-sampling conv kernel = 2 * factor + 1
-    use_skip_scale: bool = True  # skips scaled by 2**-0.5
-    use_attention_bottleneck: bool = True
-    bottleneck_residual: bool = False  # v0.0.43 quirk: bottleneck attention replaces x
+    def __post_init__(self):
+        _require(self.sample_rate > 0, f"sample_rate must be positive, got {self.sample_rate}")
+        _require(self.chunk_samples > 0,
+                 f"chunk_samples must be positive, got {self.chunk_samples}")
+        _require(len(self.stems) > 0 and len(set(self.stems)) == len(self.stems),
+                 f"stems must be distinct names, got {list(self.stems)}")
+        bad = [s for s in self.stems if not STEM_NAME.match(s)]
+        _require(not bad, f"stem names must match [A-Za-z0-9_-]+, got {bad}")
+        _require(self.hop_samples >= 0 and self.shard_mb > 0 and self.min_seconds >= 0,
+                 "hop_samples and min_seconds must be >= 0 and shard_mb > 0")
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,9 @@ class Diffusion:
     p_mean: float = -3.0  # ln sigma ~ N(p_mean, p_std**2) during training
     p_std: float = 1.0
     clamp: bool = True  # D(x, sigma) clamped to [-1, 1], also inside the loss
+
+    def __post_init__(self):
+        _require(self.sigma_data > 0 and self.p_std > 0, "sigma_data and p_std must be positive")
 
 
 @dataclass(frozen=True)
@@ -77,39 +86,20 @@ class Train:
     checkpoint_every: int = 4000  # paper: val_check_interval 4000
     val_every: int = 4000
     num_to_keep: int = 3  # best K checkpoints by validation loss
-    val_chunks: int = 32  # fixed validation chunks (first N of the validation split)
+    val_chunks: int = 32  # fixed validation chunks (the first N of the validation split)
     val_sigmas: tuple[float, ...] = (0.005, 0.02, 0.05, 0.1, 0.3, 1.0)  # fixed sigma grid
     log_every: int = 50
     seed: int = 12345
     stem: str = ""  # ISDM: train a single-stem prior on this stem; "" = joint model
     bf16: bool = True  # autocast to bfloat16 on CUDA (ignored on CPU)
-    fault_step: int = -1  # testing hook: rank 1 (or 0) dies at this step on a fresh start
-
-
-@dataclass(frozen=True)
-class SamplerConfig:
-    """Euler/Heun + churn sampler settings (paper Sec. 4.2 and Table of settings)."""
-
-    num_steps: int = 150
-    sigma_min: float = 1e-4
-    sigma_max: float = 1.0
-    rho: float = 7.0
-    s_churn: float = 20.0
-    resamples: int = 2  # "correction": re-noise back to sigma_i and repeat the step
-    solver: Literal["euler", "heun"] = "euler"
-    s_tmin: float = 0.0
-    s_tmax: float = math.inf
-    s_noise: float = 1.0
 
     def __post_init__(self):
-        if self.solver not in ("euler", "heun"):
-            raise ConfigError(f"sampler solver {self.solver!r}: expected 'euler' or 'heun'")
-        if self.num_steps < 1 or self.resamples < 1:
-            raise ConfigError(f"sampler num_steps ({self.num_steps}) and resamples "
-                              f"({self.resamples}) must be >= 1")
-        if not 0 < self.sigma_min <= self.sigma_max or self.rho <= 0 or self.s_churn < 0:
-            raise ConfigError(f"sampler needs 0 < sigma_min <= sigma_max, rho > 0, s_churn >= 0; "
-                              f"got {self.sigma_min}, {self.sigma_max}, {self.rho}, {self.s_churn}")
+        counts = ("batch_size", "max_steps", "checkpoint_every", "val_every", "num_to_keep",
+                  "val_chunks", "log_every")
+        bad = [k for k in counts if getattr(self, k) < 1]
+        _require(not bad, f"{', '.join(bad)} must be >= 1")
+        _require(self.lr > 0 and 0 <= self.ema_decay < 1,
+                 f"need lr > 0 and 0 <= ema_decay < 1, got {self.lr}, {self.ema_decay}")
 
 
 @dataclass(frozen=True)
@@ -120,6 +110,12 @@ class Separation:
     margin: float = 0.0625  # long tracks: context margin per segment side, fraction of a chunk
     overlap: float = 0.125  # long tracks: cross-fade length between segment cores, fraction
 
+    def __post_init__(self):
+        _require(self.gamma > 0, f"gamma must be positive, got {self.gamma}")
+        _require(self.margin >= 0 and self.overlap >= 0 and 2 * self.margin + self.overlap < 1,
+                 f"need margin, overlap >= 0 and 2 * margin + overlap < 1 (fractions of a chunk),"
+                 f" got margin {self.margin}, overlap {self.overlap}")
+
 
 @dataclass(frozen=True)
 class Imputation:
@@ -127,32 +123,39 @@ class Imputation:
     guidance: float = 1.0  # reconstruction-guidance weight (method "guidance")
 
 
-def _generation_sampler() -> SamplerConfig:
-    return SamplerConfig(num_steps=150, sigma_max=20.0, s_churn=20.0, resamples=1)
-
-
-def _imputation_sampler() -> SamplerConfig:
-    return SamplerConfig(num_steps=256, sigma_max=20.0, s_churn=10.0, resamples=1)
-
-
 @dataclass(frozen=True)
 class Config:
     data: Data = field(default_factory=Data)
-    model: Model = field(default_factory=Model)
+    model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: Diffusion = field(default_factory=Diffusion)
     train: Train = field(default_factory=Train)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)  # separation sampler
     separation: Separation = field(default_factory=Separation)
-    generation: SamplerConfig = field(default_factory=_generation_sampler)
-    imputation: SamplerConfig = field(default_factory=_imputation_sampler)
+    generation: SamplerConfig = field(  # paper: sigma_max 20, 150 steps, churn 20
+        default_factory=lambda: SamplerConfig(num_steps=150, sigma_max=20.0, resamples=1))
+    imputation: SamplerConfig = field(  # paper: sigma_max 20, 256 steps, churn 10
+        default_factory=lambda: SamplerConfig(num_steps=256, sigma_max=20.0, s_churn=10.0,
+                                              resamples=1))
     impute: Imputation = field(default_factory=Imputation)
+
+    def __post_init__(self):
+        s, m = len(self.data.stems), multiple(self.model)
+        if not -s <= self.separation.constrained < s:
+            raise ConfigError(f"separation.constrained ({self.separation.constrained}) must index "
+                              f"one of the {s} stems {list(self.data.stems)}")
+        if self.data.chunk_samples % m:
+            raise ConfigError(f"data.chunk_samples ({self.data.chunk_samples}) must be a multiple "
+                              f"of {m} (model.patch_factor x prod(model.factors))")
+        if self.train.stem and self.train.stem not in self.data.stems:
+            raise ConfigError(f"train.stem {self.train.stem!r} is not one of data.stems "
+                              f"{list(self.data.stems)}")
 
     @property
     def num_stems(self) -> int:
         return 1 if self.train.stem else len(self.data.stems)
 
     def to_dict(self) -> dict:
-        return _to_plain(dataclasses.asdict(self))
+        return _plain(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, d: dict) -> Config:
@@ -162,155 +165,90 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def _to_plain(obj):
+def _plain(obj):
     if isinstance(obj, dict):
-        return {k: _to_plain(v) for k, v in obj.items()}
+        return {k: _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_to_plain(v) for v in obj]
+        return [_plain(v) for v in obj]
     return obj
-
-
-def _coerce(value, tp, where: str):
-    """Check `value` against the annotation `tp`, converting lists to tuples and ints to floats."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(tp))}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
-        args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
-        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where)
-    raise ConfigError(f"{where}: unsupported type {tp}")
-
-
-def _build(cls, d, where: str):
-    if isinstance(d, cls):
-        return d
-    if not isinstance(d, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(d).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ConfigError(
-            f"unknown key(s) {', '.join(_join(where, k) for k in unknown)}; "
-            f"valid keys under {where or 'the top level'}: {', '.join(sorted(names))}"
-        )
-    kwargs = {k: _coerce(v, hints[k], _join(where, k)) for k, v in d.items()}
-    return cls(**kwargs)
 
 
 def _join(where: str, key: str) -> str:
     return f"{where}.{key}" if where else key
 
 
-# Presets: dicts applied over the defaults. `paper` is the released MSDM configuration.
-PRESETS: dict[str, dict] = {
-    "paper": {},
-    "tiny": {  # CPU tests and smoke runs: ~150k parameters, 4096-sample chunks
-        "data": {"chunk_samples": 4096, "shard_mb": 4.0},
-        "model": {
-            "channels": 16,
-            "patch_factor": 4,
-            "multipliers": [1, 2, 2],
-            "factors": [4, 4],
-            "num_blocks": [1, 1],
-            "attentions": [False, True],
-            "attention_heads": 2,
-            "attention_features": 8,
-            "resnet_groups": 4,
-        },
-        "train": {
-            "batch_size": 4,
-            "lr": 1e-3,
-            "max_steps": 20,
-            "checkpoint_every": 10,
-            "val_every": 10,
-            "val_chunks": 4,
-            "log_every": 5,
-            "ema_decay": 0.99,
-        },
-        # Euler + Dirac is unstable when sigma_next / sigma_hat < 1 - 2 / S at high noise:
-        # 20 steps with little churn keep every step ratio above 0.6
-        "sampler": {"num_steps": 20, "s_churn": 5.0, "resamples": 1},
-        "generation": {"num_steps": 20},
-        "imputation": {"num_steps": 20},
-    },
-    "small": {  # CPU demo and quality benchmark: ~1.9 M parameters, 11.025 kHz, 1.5 s chunks
-        "data": {"sample_rate": 11025, "chunk_samples": 16384, "shard_mb": 32.0},
-        "model": {
-            "channels": 32,
-            "patch_factor": 4,  # 4 stems x 4 samples -> 32 channels; 8 starved the top level
-            "multipliers": [1, 2, 4, 4],
-            "factors": [4, 4, 2],
-            "num_blocks": [1, 1, 1],
-            "attentions": [False, False, True],
-            "attention_heads": 4,
-            "attention_features": 16,
-            "resnet_groups": 8,
-        },
-        "train": {
-            "batch_size": 8,
-            "lr": 4e-4,
-            "max_steps": 6000,
-            "checkpoint_every": 500,
-            "val_every": 500,
-            "val_chunks": 32,
-            "log_every": 50,
-            "ema_decay": 0.995,
-        },
-    },
-}
+def _coerce(value, tp, where: str):
+    """Check `value` against the annotation `tp`: lists become tuples, ints become floats."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        types = [args[0]] * len(value) if args[-1] is Ellipsis else list(args)
+        if len(value) != len(types):
+            raise ConfigError(f"{where}: expected {len(types)} values, got {len(value)}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, types)))
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is int and numeric and isinstance(value, int):
+        return value
+    if tp is float and numeric:
+        return float(value)
+    if tp is str and isinstance(value, (str, int, float)):
+        return str(value)  # `--set train.stem=1` parses as an int
+    expected = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
+    raise ConfigError(f"{where}: expected {expected.get(tp, tp)}, got {value!r}")
 
 
-def get_preset(name: str) -> Config:
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
-    return merge(Config(), PRESETS[name])
+def _build(cls, d, where: str):
+    """The one strict constructor: unknown keys and wrong types are errors naming the key."""
+    if isinstance(d, cls):
+        return d
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(_join(where, str(k)) for k in unknown)}; "
+                          f"valid keys under {where or 'the top level'}: {', '.join(names)}")
+    kwargs = {k: _coerce(v, hints[k], _join(where, k)) for k, v in d.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"{where or 'config'}: {e}") from e
+
+
+def _merge(base: dict, update: dict) -> dict:
+    """Deep-merge `update` over `base` (new dict; unknown keys are left for `_build` to name)."""
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
+    """{"sampler": {"s_churn": 20}} -> {"sampler.s_churn": 20}."""
+    out: dict[str, Any] = {}
+    for k, v in mapping.items():
+        key = _join(prefix, str(k))
+        out.update(flatten(v, key) if isinstance(v, dict) and v else {key: v})
+    return out
 
 
 def merge(cfg: Config, update: dict) -> Config:
-    """Deep-merge a (possibly partial) nested dict over `cfg`, strictly."""
-    base = cfg.to_dict()
-    _deep_update(base, update, "")
-    return Config.from_dict(base)
-
-
-def _deep_update(base: dict, update: dict, where: str) -> None:
+    """Deep-merge a partial nested dict over `cfg`, strictly."""
     if not isinstance(update, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {update!r}")
-    for k, v in update.items():
-        if k not in base:
-            valid = ", ".join(sorted(base))
-            raise ConfigError(f"unknown key {_join(where, k)!r}; valid keys here: {valid}")
-        if isinstance(base[k], dict):
-            _deep_update(base[k], v, _join(where, k))
-        else:
-            base[k] = v
+        raise ConfigError(f"config: expected a mapping, got {update!r}")
+    return Config.from_dict(_merge(cfg.to_dict(), update))
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -325,109 +263,75 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def apply_overrides(cfg: Config, overrides: dict[str, Any] | list[str]) -> Config:
+def apply_overrides(cfg: Config, overrides: dict[str, Any] | list[str] | tuple) -> Config:
     """Apply dotted overrides (`{"sampler.s_churn": 20}` or `["sampler.s_churn=20"]`)."""
     if isinstance(overrides, (list, tuple)):
         overrides = dict(parse_override(o) for o in overrides)
-    update: dict = {}
+    nested: dict = {}
     for key, value in overrides.items():
-        parts = key.split(".")
-        node = update
-        for p in parts[:-1]:
+        *parents, leaf = key.split(".")
+        node = nested
+        for p in parents:
             node = node.setdefault(p, {})
-        node[parts[-1]] = _fix_type(cfg, parts, value)
-    return merge(cfg, update)
-
-
-def _fix_type(cfg: Config, parts: list[str], value):
-    """Keep the default's type: `train.lr=1` stays a float, a YAML string '0.5' stays as given."""
-    node: Any = cfg
-    for p in parts:
-        names = {f.name for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else ()
-        if p not in names:
-            raise ConfigError(f"unknown key {'.'.join(parts)!r}")
-        node = getattr(node, p)
-    if isinstance(node, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(node, str) and not isinstance(value, str) and value is not None:
-        return str(value)
-    return value
+        node[leaf] = value
+    return merge(cfg, nested)
 
 
 def config_keys(cfg: Config | None = None) -> set[str]:
     """Every dotted leaf key of the config (used to validate tune spaces)."""
-    cfg = cfg or Config()
-    out: set[str] = set()
-
-    def walk(node, prefix):
-        for f in dataclasses.fields(node):
-            v = getattr(node, f.name)
-            key = _join(prefix, f.name)
-            if dataclasses.is_dataclass(v):
-                walk(v, key)
-            else:
-                out.add(key)
-
-    walk(cfg, "")
-    return out
+    return set(flatten((cfg or Config()).to_dict()))
 
 
-def get_key(cfg: Config, key: str):
-    node: Any = cfg
-    for p in key.split("."):
-        node = getattr(node, p)
-    return node
+def get_preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    return merge(Config(), _read_yaml(PRESET_DIR / f"{name}.yaml"))
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got "
+                          f"{type(data).__name__}")
+    return data
+
+
+def read_partial(source: str | Path) -> dict:
+    """A YAML config file as a partial nested dict (a `preset:` key names its base preset)."""
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError(f"config {str(source)!r} is neither a preset "
+                          f"({', '.join(PRESETS)}) nor a file")
+    return _read_yaml(path)
 
 
 def load_config(source: str | Path | dict | None = None, overrides=()) -> Config:
-    """Preset name, YAML file path or dict (applied over the defaults), then dotted overrides.
-
-    A YAML file may name a base preset with a top-level `preset: tiny` key.
-    """
+    """Preset name, YAML file or dict (over the defaults, or over `preset:`), then overrides."""
     if source is None or source == "":
-        cfg = Config()
+        data: dict = {}
     elif isinstance(source, dict):
-        cfg = _from_mapping(dict(source))
+        data = dict(source)
     elif str(source) in PRESETS:
-        cfg = get_preset(str(source))
+        data = {"preset": str(source)}
     else:
-        path = Path(source)
-        if not path.exists():
-            raise ConfigError(
-                f"config {str(source)!r} is neither a preset ({', '.join(PRESETS)}) nor a file"
-            )
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from e
-        cfg = _from_mapping(data, str(path))
+        data = read_partial(source)
+    base = get_preset(str(data.pop("preset"))) if "preset" in data else Config()
+    cfg = merge(base, data)
     return apply_overrides(cfg, overrides) if overrides else cfg
 
 
-def _from_mapping(data: dict, where: str = "config") -> Config:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping at the top level")
-    base = get_preset(data.pop("preset")) if "preset" in data else Config()
-    return merge(base, data)
-
-
 def load_sampler_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a sampler-config file (e.g. a sweep's best.yaml) as dotted overrides.
-
-    Accepts nested mappings (`sampler: {s_churn: 20}`) or flat dotted keys (`sampler.s_churn: 20`).
-    """
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping")
-    flat: dict[str, Any] = {}
-
-    def walk(node, prefix):
-        for k, v in node.items():
-            key = _join(prefix, k)
-            if isinstance(v, dict):
-                walk(v, key)
-            else:
-                flat[key] = v
-
-    walk(data, "")
+    """Read a sampler-config file (e.g. a sweep's best.yaml) as dotted overrides; nested
+    (`sampler: {s_churn: 20}`) and flat (`sampler.s_churn: 20`) keys both work. Keys are
+    checked against the config, so a typo names the file."""
+    flat = flatten(_read_yaml(Path(path)))
+    unknown = sorted(set(flat) - config_keys())
+    if unknown:
+        raise ConfigError(f"{path}: unknown config key(s) {unknown}")
     return flat

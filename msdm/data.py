@@ -157,14 +157,6 @@ def batch_to_tensor(batch, stems=STEMS) -> torch.Tensor:
     return x
 
 
-def tensor_to_columns(x: torch.Tensor | np.ndarray, stems=STEMS) -> dict[str, np.ndarray]:
-    """[B, S, T] -> {stem: [B, T] float32}."""
-    x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    if x.ndim != 3 or x.shape[1] != len(stems):
-        raise ValueError(f"expected [B, {len(stems)}, T], got {x.shape}")
-    return {s: np.ascontiguousarray(x[:, i], dtype=np.float32) for i, s in enumerate(stems)}
-
-
 def random_shift(x: torch.Tensor, generator=None) -> torch.Tensor:
     """Paper's shift augmentation at batch level: roll each example by U[-T/2, T/2) samples.
 

@@ -7,7 +7,6 @@ prior over stems (tests, oracles); `FactorizedDenoiser` builds ISDM's p(x) = pro
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -75,9 +74,9 @@ def edm_loss(denoiser, x: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor
 
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, parameters and buffers."""
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1 - decay)
+    """ema <- decay * ema + (1 - decay) * model (one fused kernel per dtype); buffers copied."""
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()],
+                         1 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)
 
@@ -132,6 +131,3 @@ def gaussian_conditional(cov: torch.Tensor, known: Sequence[bool]):
     cond = cov[u][:, u] - a @ cov[k][:, u]
     return a, cond
 
-
-def sigma_data_of(cov: torch.Tensor) -> float:
-    return math.sqrt(float(torch.as_tensor(cov).diagonal().mean()))

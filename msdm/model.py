@@ -8,12 +8,52 @@ preconditioning lives in `msdm.diffusion.Denoiser`. Shapes: x [B, C, T] -> [B, C
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import Model
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """U-Net hyper-parameters; defaults are the released MSDM network (`exp/train_msdm.yaml`)."""
+
+    kind: Literal["unet"] = "unet"
+    channels: int = 256
+    patch_factor: int = 16
+    multipliers: tuple[int, ...] = (1, 2, 4, 4, 4, 4, 4)
+    factors: tuple[int, ...] = (4, 4, 4, 2, 2, 2)
+    num_blocks: tuple[int, ...] = (2, 2, 2, 2, 2, 2)
+    attentions: tuple[bool, ...] = (False, False, False, True, True, True)
+    attention_heads: int = 8
+    attention_features: int = 128  # per head
+    attention_multiplier: int = 2  # feed-forward width factor
+    resnet_groups: int = 8
+    kernel_multiplier_downsample: int = 2  # down-sampling conv kernel = 2 * factor + 1
+    use_skip_scale: bool = True  # skips scaled by 2**-0.5
+    use_attention_bottleneck: bool = True
+    bottleneck_residual: bool = False  # v0.0.43 quirk: bottleneck attention replaces x
+
+    def __post_init__(self):
+        n = len(self.factors)
+        if not (len(self.multipliers) == n + 1
+                and len(self.num_blocks) == n == len(self.attentions)):
+            raise ValueError(
+                "need len(multipliers) == len(factors) + 1 == len(num_blocks) + 1 "
+                f"== len(attentions) + 1, got {len(self.multipliers)}, {len(self.factors)}, "
+                f"{len(self.num_blocks)}, {len(self.attentions)}")
+        if min(self.channels, self.patch_factor, *self.factors, *self.multipliers) < 1:
+            raise ValueError("channels, patch_factor, factors and multipliers must be >= 1")
+        if self.channels % self.patch_factor:
+            raise ValueError(f"channels ({self.channels}) must be divisible by patch_factor "
+                             f"({self.patch_factor})")
+
+
+def multiple(cfg: ModelConfig) -> int:
+    """Lengths the network accepts are multiples of this: patch_factor x prod(factors)."""
+    return cfg.patch_factor * math.prod(cfg.factors)
 
 
 def _groups(channels: int, wanted: int) -> int:
@@ -102,7 +142,7 @@ class TransformerBlock(nn.Module):
 
 
 class DownLevel(nn.Module):
-    def __init__(self, c_in, c_out, factor, num_blocks, attention, cfg: Model, features):
+    def __init__(self, c_in, c_out, factor, num_blocks, attention, cfg: ModelConfig, features):
         super().__init__()
         k = cfg.kernel_multiplier_downsample * factor
         self.down = nn.Conv1d(c_in, c_out, k + 1, stride=factor, padding=k // 2)
@@ -126,7 +166,7 @@ class DownLevel(nn.Module):
 
 
 class UpLevel(nn.Module):
-    def __init__(self, c_in, c_out, factor, num_blocks, attention, cfg: Model, features):
+    def __init__(self, c_in, c_out, factor, num_blocks, attention, cfg: ModelConfig, features):
         super().__init__()
         n = num_blocks + (1 if attention else 0)  # one block per skip pushed on the way down
         self.blocks = nn.ModuleList(
@@ -149,7 +189,7 @@ class UpLevel(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    def __init__(self, channels, cfg: Model, features):
+    def __init__(self, channels, cfg: ModelConfig, features):
         super().__init__()
         self.pre = ResnetBlock(channels, channels, cfg.resnet_groups, features)
         self.attn = (
@@ -170,22 +210,14 @@ class Bottleneck(nn.Module):
 class UNet1d(nn.Module):
     """MSDM score network F(x, c_noise): x [B, S, T] -> [B, S, T]."""
 
-    def __init__(self, in_channels: int, cfg: Model):
+    def __init__(self, in_channels: int, cfg: ModelConfig):
         super().__init__()
         n = len(cfg.factors)
-        if not (len(cfg.multipliers) == n + 1 and len(cfg.num_blocks) == n == len(cfg.attentions)):
-            raise ValueError(
-                "model config: need len(multipliers) == len(factors) + 1 == len(num_blocks) + 1 "
-                f"== len(attentions) + 1, got {len(cfg.multipliers)}, {len(cfg.factors)}, "
-                f"{len(cfg.num_blocks)}, {len(cfg.attentions)}"
-            )
         c, p = cfg.channels, cfg.patch_factor
-        if c % p:
-            raise ValueError(f"model.channels ({c}) must be divisible by model.patch_factor ({p})")
         features = 4 * c
         self.in_channels = in_channels
         self.patch_factor = p
-        self.multiple = p * math.prod(cfg.factors)
+        self.multiple = multiple(cfg)
         self.embed = NoiseEmbedding(c, features)
         self.patch_in = ResnetBlock(in_channels, c // p, cfg.resnet_groups, features)
         chans = [c * m for m in cfg.multipliers]
@@ -227,9 +259,8 @@ class UNet1d(nn.Module):
         return self.patch_out(h, mapping)
 
 
-def build_network(cfg: Model, in_channels: int) -> nn.Module:
-    if cfg.kind != "unet":
-        raise ValueError(f"build_network builds U-Nets; model.kind is {cfg.kind!r}")
+def build_network(cfg: ModelConfig, in_channels: int) -> nn.Module:
+    """The score network F(x, c_noise) for `cfg` with `in_channels` stems."""
     return UNet1d(in_channels, cfg)
 
 

@@ -1,8 +1,9 @@
 """Generation, source imputation and separation as derivative closures over one sampler.
 
 MSDM paper Sec. 4.5 (generation, RePaint-style imputation) and Sec. 5 (Dirac and Gaussian
-likelihood separation). Shapes: stems [B, S, T], mixture [B, 1, T], sigma [B]. Closures are pure:
-they build new tensors and never write into the sampler state.
+likelihood separation). A task is a `(derivative, finalize)` pair: the sampler integrates the
+derivative, then `finalize` maps its output to the answer (the Dirac re-projection). Shapes: stems
+[B, S, T], mixture [B, 1, T], sigma [B]. Closures are pure: they never write into sampler state.
 """
 
 from __future__ import annotations
@@ -11,8 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .config import Config, SamplerConfig
-from .sampling import get_sigmas_karras, sample, to_d
+from .sampling import SamplerConfig, run_sampler, to_d
 
 Generator = torch.Generator | Sequence[torch.Generator] | None
 
@@ -59,19 +59,11 @@ def _check(name: str, t, ndim: int, what: str) -> None:
         raise ValueError(f"{name} contains NaN or infinite values")
 
 
-def _sampler(config, section: str) -> SamplerConfig:
-    if isinstance(config, Config):
-        return getattr(config, section)
-    if isinstance(config, SamplerConfig):
-        return config
-    raise ValueError(f"config must be a SamplerConfig (or Config), got {type(config).__name__}")
-
-
-def _run(derivative, x, cfg: SamplerConfig, randn_like, callback=None):
-    sigmas = get_sigmas_karras(cfg.num_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho, x.device)
-    return sample(derivative, x, sigmas, solver=cfg.solver, resamples=cfg.resamples,
-                  s_churn=cfg.s_churn, s_tmin=cfg.s_tmin, s_tmax=cfg.s_tmax,
-                  s_noise=cfg.s_noise, randn_like=randn_like, callback=callback)
+def _sampler(config) -> SamplerConfig:
+    if not isinstance(config, SamplerConfig):
+        raise ValueError(f"config must be a msdm.SamplerConfig (e.g. cfg.sampler), "
+                         f"got {type(config).__name__}")
+    return config
 
 
 def _device(denoiser, default="cpu"):
@@ -88,12 +80,12 @@ def unconditional(denoiser):
 @torch.no_grad()
 def generate(denoiser, shape, config, generator: Generator = None, callback=None) -> torch.Tensor:
     """Total generation: sample all stems from the joint prior. Returns [B, S, T]."""
-    cfg = _sampler(config, "generation")
+    cfg = _sampler(config)
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"shape must be (B, S, T) with positive sizes, got {tuple(shape)}")
     randn_like = make_randn_like(generator)
     x = randn_like(torch.empty(tuple(shape), device=_device(denoiser))) * cfg.sigma_max
-    return _run(unconditional(denoiser), x, cfg, randn_like, callback)
+    return run_sampler(unconditional(denoiser), x, cfg, randn_like, callback)
 
 
 def _mask(known: Sequence[bool], num_stems: int, x: torch.Tensor) -> torch.Tensor:
@@ -145,7 +137,7 @@ def impute(denoiser, stems, known: Sequence[bool], config, generator: Generator 
     reconstruction guidance of weight `guidance`; one extra backward pass per step).
     Returns [B, S, T]."""
     _check("stems", stems, 3, "[B, S, T]")
-    cfg = _sampler(config, "imputation")
+    cfg = _sampler(config)
     mask = _mask(known, stems.shape[1], stems)
     randn_like = make_randn_like(generator)
     if method == "replace":
@@ -155,8 +147,7 @@ def impute(denoiser, stems, known: Sequence[bool], config, generator: Generator 
                                              sigma_data)
     else:
         raise ValueError(f"unknown imputation method {method!r}; expected 'replace' or 'guidance'")
-    x = randn_like(stems) * cfg.sigma_max
-    x = _run(derivative, x, cfg, randn_like, callback)
+    x = run_sampler(derivative, randn_like(stems) * cfg.sigma_max, cfg, randn_like, callback)
     return mask * stems + (1 - mask) * x
 
 
@@ -168,14 +159,15 @@ def project(x: torch.Tensor, mixture: torch.Tensor, k: int) -> torch.Tensor:
 
 def dirac_likelihood(denoiser, mixture, k: int):
     """Posterior derivative under p(y|x) = delta(y - sum x) (paper Alg. 1): d_n = e_n - e_k,
-    with e = (z - D(z; sigma)) / sigma evaluated at the projected state z."""
+    with e = (z - D(z; sigma)) / sigma evaluated at the projected state z. The answer is the
+    sampler output projected once more, so the stems sum exactly to the mixture."""
 
     def derivative(x, sigma):
         z = project(x, mixture, k)
         e = to_d(z, sigma, denoiser(z, sigma))
         return e - e[:, k : k + 1]
 
-    return derivative
+    return derivative, lambda x: project(x, mixture, k)
 
 
 def gaussian_likelihood(denoiser, mixture, gamma: float):
@@ -186,16 +178,18 @@ def gaussian_likelihood(denoiser, mixture, gamma: float):
         residual = mixture - x.sum(dim=1, keepdim=True)
         return to_d(x, sigma, denoiser(x, sigma)) - residual / (2 * gamma**2 * s)
 
-    return derivative
+    return derivative, lambda x: x
 
 
 @torch.no_grad()
 def separate(denoiser, mixture, num_stems: int, config, likelihood: str = "dirac",
              constrained: int = 0, generator: Generator = None, gamma: float = 0.75,
-             callback=None) -> torch.Tensor:
+             callback=None, init: torch.Tensor | None = None) -> torch.Tensor:
     """Posterior sampling of the stems of `mixture` [B, 1, T]. Returns [B, S, T].
 
     Dirac: the output is re-projected after the last step, so the stems sum exactly to the mixture.
+    `init` [B, S, T] (e.g. a regressor's estimate) starts the sampler from init + sigma_max * noise
+    instead of pure noise (SDEdit-style refinement).
     """
     _check("mixture", mixture, 3, "[B, 1, T]")
     if mixture.shape[1] != 1:
@@ -203,43 +197,24 @@ def separate(denoiser, mixture, num_stems: int, config, likelihood: str = "dirac
                          "downmix multichannel audio first")
     if not isinstance(num_stems, int) or num_stems < 1:
         raise ValueError(f"num_stems must be a positive integer, got {num_stems!r}")
-    cfg = _sampler(config, "sampler")
-    randn_like = make_randn_like(generator)
+    cfg = _sampler(config)
     b, _, t = mixture.shape
     if likelihood == "dirac":
         if not -num_stems <= constrained < num_stems:
             raise ValueError(f"constrained must index one of {num_stems} stems, got {constrained}")
-        k = constrained % num_stems
-        derivative = dirac_likelihood(denoiser, mixture, k)
+        derivative, finalize = dirac_likelihood(denoiser, mixture, constrained % num_stems)
     elif likelihood == "gaussian":
         if gamma <= 0:
             raise ValueError(f"gamma must be positive, got {gamma}")
-        derivative = gaussian_likelihood(denoiser, mixture, gamma)
+        derivative, finalize = gaussian_likelihood(denoiser, mixture, gamma)
     else:
         raise ValueError(f"unknown likelihood {likelihood!r}; expected 'dirac' or 'gaussian'")
+    randn_like = make_randn_like(generator)
     x = randn_like(mixture.expand(b, num_stems, t)) * cfg.sigma_max
-    x = _run(derivative, x, cfg, randn_like, callback)
-    return project(x, mixture, k) if likelihood == "dirac" else x
-
-
-class _Autocast:
-    """Runs a denoiser under bf16 autocast on CUDA (the sampler state stays float32)."""
-
-    def __init__(self, denoiser):
-        self.denoiser = denoiser
-
-    def __call__(self, x, sigma):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            return self.denoiser(x, sigma).float()
-
-
-def separate_with_config(denoiser, mixture: torch.Tensor, cfg: Config, seeds: Sequence[int],
-                         bf16: bool = True) -> torch.Tensor:
-    """`separate` with every setting from a Config and one seed per item, so an item's result
-    does not depend on the batch it runs in. mixture [B, 1, T] -> [B, S, T]."""
-    if len(seeds) != mixture.shape[0]:
-        raise ValueError(f"need one seed per mixture, got {len(seeds)} for {mixture.shape[0]}")
-    den = _Autocast(denoiser) if bf16 and mixture.device.type == "cuda" else denoiser
-    return separate(den, mixture, len(cfg.data.stems), cfg.sampler,
-                    likelihood=cfg.separation.likelihood, constrained=cfg.separation.constrained,
-                    gamma=cfg.separation.gamma, generator=item_generators(seeds, mixture.device))
+    if init is not None:
+        _check("init", init, 3, f"[{b}, {num_stems}, {t}]")
+        if init.shape != (b, num_stems, t):
+            raise ValueError(f"init must have shape [{b}, {num_stems}, {t}], "
+                             f"got {tuple(init.shape)}")
+        x = init.to(x) + x
+    return finalize(run_sampler(derivative, x, cfg, randn_like, callback))

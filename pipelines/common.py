@@ -1,18 +1,33 @@
-"""Shared pipeline plumbing: the parent CLI parser, config resolution, Ray start-up, logging."""
+"""Shared pipeline plumbing: the parent CLI parser, the one config resolution, checkpoint
+arguments, Ray start-up, logging and memory probes."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
+import resource
 import sys
+import tempfile
 import time
 
-from msdm.config import Config, load_config, load_sampler_yaml
+from msdm.config import (
+    PRESETS,
+    Config,
+    ConfigError,
+    apply_overrides,
+    flatten,
+    load_config,
+    load_sampler_yaml,
+    merge,
+    read_partial,
+)
 
 from . import storage
 
 _T0 = time.time()
+FIXED_BY_CHECKPOINT = ("model.", "diffusion.", "data.stems", "train.stem")
 
 
 def log(msg: str) -> None:
@@ -24,8 +39,9 @@ def parser(doc: str, default_config: str = "paper") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
     g = p.add_argument_group("config and cluster")
     g.add_argument("--config", default=None,
-                   help=f"preset name (paper, tiny) or YAML file (default: {default_config}; "
-                        "tiny with --smoke-test)")
+                   help=f"preset name ({', '.join(PRESETS)}) or YAML file (default: "
+                        f"{default_config}; tiny with --smoke-test). With --ckpt: a YAML file of "
+                        "keys applied over the checkpoint's config")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted config override, repeatable (e.g. --set sampler.s_churn=20)")
     g.add_argument("--address", default=None,
@@ -40,21 +56,69 @@ def parser(doc: str, default_config: str = "paper") -> argparse.ArgumentParser:
     return p
 
 
-def resolve_config(args, sampler_file: str | None = None) -> Config:
-    """Preset or file (tiny under --smoke-test), then a sampler file, then --set overrides."""
-    source = args.config or ("tiny" if args.smoke_test else args._default_config)
-    cfg = load_config(source)
-    if sampler_file:
-        cfg = load_config(cfg.to_dict(), load_sampler_yaml(fetch_local(sampler_file)))
-    return load_config(cfg.to_dict(), args.overrides) if args.overrides else cfg
+def resolve_config(args, base: Config | None = None, sampler_files=()) -> Config:
+    """The one way every job resolves its config, before Ray starts.
+
+    Without `base`: the --config preset or file (tiny under --smoke-test). With `base` (a
+    checkpoint's config): --config must be a YAML file, applied over it. Then each sampler file,
+    then the --set overrides. The network (model.*, diffusion.*, data.stems) of a checkpoint
+    cannot be changed. Errors are ConfigError naming the key or file.
+    """
+    if base is None:
+        cfg = load_config(args.config or ("tiny" if args.smoke_test else args._default_config))
+    else:
+        cfg = base
+        if args.config:
+            if args.config in PRESETS:
+                raise ConfigError(f"--config {args.config}: a preset cannot apply to a trained "
+                                  "checkpoint (its network is fixed); give a YAML file of "
+                                  "sampler/separation keys, --sampler-config or --set")
+            partial = read_partial(fetch_local(args.config))
+            if "preset" in partial:
+                raise ConfigError(f"{args.config}: 'preset' cannot apply to a trained checkpoint")
+            cfg = merge(cfg, partial)
+    for f in sampler_files:
+        cfg = apply_overrides(cfg, load_sampler_yaml(fetch_local(f)))
+    if args.overrides:
+        cfg = apply_overrides(cfg, args.overrides)
+    if base is not None:
+        _check_fixed(base, cfg)
+    return cfg
+
+
+def _check_fixed(base: Config, cfg: Config) -> None:
+    a, b = flatten(base.to_dict()), flatten(cfg.to_dict())
+    changed = sorted(k for k in a if a[k] != b[k]
+                     and (k.startswith(FIXED_BY_CHECKPOINT) or k in FIXED_BY_CHECKPOINT))
+    if changed:
+        raise ConfigError(f"{', '.join(changed)}: fixed by the checkpoint's network, "
+                          "cannot be overridden")
+
+
+def parse_ckpt(values) -> str | dict[str, str]:
+    """--ckpt URI (joint model) or --ckpt bass=URI --ckpt drums=URI ... (ISDM, one per stem)."""
+    values = [values] if isinstance(values, str) else list(values or [])
+    if not values:
+        raise ValueError("--ckpt is required")
+    pairs = [re.match(r"^([A-Za-z][\w-]*)=(.+)$", v) for v in values]
+    if len(values) == 1 and pairs[0] is None:
+        return values[0]
+    out = {}
+    for v, m in zip(values, pairs):
+        if m is None:
+            raise ValueError(f"--ckpt {v!r}: give one URI for a joint model, or STEM=URI for "
+                             "every stem of an ISDM model")
+        stem, uri = m.groups()
+        if stem in out:
+            raise ValueError(f"--ckpt given twice for stem {stem!r}")
+        out[stem] = uri
+    return out
 
 
 def fetch_local(uri: str) -> str:
     """A local path for `uri` (remote files are copied to a temp file)."""
     if not storage.is_remote(uri):
         return uri
-    import tempfile
-
     fd, path = tempfile.mkstemp(suffix=os.path.basename(uri))
     with os.fdopen(fd, "wb") as f:
         f.write(storage.read_bytes(uri))
@@ -79,7 +143,7 @@ def init_ray(args, runtime_env: dict | None = None):
 
     if ray.is_initialized():
         return ray
-    env_vars = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    env_vars = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "MSDM_"))}
     renv = dict(runtime_env or {})
     if env_vars:
         renv.setdefault("env_vars", {}).update(env_vars)
@@ -97,3 +161,21 @@ def init_ray(args, runtime_env: dict | None = None):
 
 def write_json(uri: str, obj) -> None:
     storage.write_bytes(uri, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def private_mb() -> float:
+    """Private (anonymous) resident memory now. Unlike RSS it leaves out pages of Ray's shared
+    object store, which a worker maps for every block it reads."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return peak_rss_mb()

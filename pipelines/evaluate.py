@@ -20,15 +20,15 @@ import time
 import numpy as np
 import torch
 
-from msdm.config import load_config, load_sampler_yaml
-from msdm.data import COL_CHUNK, COL_TRACK
+from msdm.data import COL_TRACK
 from msdm.metrics import summarize
 from msdm.sampling import nfe
 
 from . import storage
-from .common import dry_run, fetch_local, init_ray, log, parser, write_json
+from .common import dry_run, init_ray, log, parse_ckpt, parser, resolve_config, write_json
+from .models import load_model
 from .report import markdown_table, plot_stem_bars
-from .stages import SeparateChunks, load_model, parse_ckpt, score_track
+from .stages import SeparateChunks, read_chunks, score_track
 
 
 def build_parser():
@@ -49,61 +49,57 @@ def build_parser():
     return p
 
 
-def evaluate_one(ray, args, ckpt, base, name: str, overrides: dict) -> dict:
-    """Separate and score the split with one sampler configuration."""
-    cfg = load_config(base.to_dict(), overrides)
+def evaluate_one(ray, args, ckpt, cfg, name: str) -> dict:
+    """Separate and score the split with one resolved configuration."""
     t0 = time.time()
-    ds = ray.data.read_parquet(storage.join(args.data, args.split))
-    if args.max_chunks:
-        ds = ds.sort([COL_TRACK, COL_CHUNK]).limit(args.max_chunks)
+    split = storage.join(args.data, args.split)
+    if args.max_chunks:  # a fixed subset, read without a global sort
+        chunks = read_chunks(split, cfg.data.stems, args.max_chunks)
+        rows = [{COL_TRACK: t, "chunk_index": int(c), **{s: x[i] for i, s in
+                 enumerate(cfg.data.stems)}} for t, c, x in
+                zip(chunks[COL_TRACK], chunks["chunk_index"], chunks["x"])]
+        ds, fmt = ray.data.from_items(rows), "numpy"
+    else:
+        ds, fmt = ray.data.read_parquet(split), "pyarrow"
     ds = ds.map_batches(
-        SeparateChunks, batch_size=args.batch_size, batch_format="pyarrow",
-        fn_constructor_kwargs={"ckpt": ckpt, "overrides": {**_set(args), **overrides},
+        SeparateChunks, batch_size=args.batch_size, batch_format=fmt,
+        fn_constructor_kwargs={"ckpt": ckpt, "cfg": cfg.to_dict(),
                                "num_gpus": args.gpus_per_actor, "seed": args.seed},
         compute=ray.data.ActorPoolStrategy(size=args.actors), num_gpus=args.gpus_per_actor)
-    ds = ds.groupby(COL_TRACK, num_partitions=8).map_groups(score_track, batch_format="numpy",
-                                          fn_kwargs={"sample_rate": cfg.data.sample_rate})
+    ds = ds.groupby(COL_TRACK, num_partitions=8).map_groups(
+        score_track, batch_format="numpy", fn_kwargs={"sample_rate": cfg.data.sample_rate})
     rows = ds.take_all()
     windows = torch.tensor(np.array([r["si_sdri"] for r in rows])).reshape(-1, len(cfg.data.stems))
-    s = cfg.sampler
     return {"name": name, "si_sdri": summarize(windows, cfg.data.stems),
-            "windows": int(windows.shape[0]), "tracks": len({r["track_id"] for r in rows}),
-            "nfe": nfe(s.num_steps, s.resamples, s.solver), "seconds": time.time() - t0,
+            "windows": int(windows.shape[0]), "tracks": len({r[COL_TRACK] for r in rows}),
+            "nfe": nfe(cfg.sampler), "seconds": time.time() - t0,
             "sampler": cfg.to_dict()["sampler"], "separation": cfg.to_dict()["separation"]}
-
-
-def _set(args) -> dict:
-    from msdm.config import parse_override
-
-    return dict(parse_override(o) for o in args.overrides)
 
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     ckpt = parse_ckpt(args.ckpt)
-    configs = [] if args.skip_checkpoint_sampler else [("checkpoint sampler", {})]
-    for f in args.sampler_config:
-        name = os.path.splitext(os.path.basename(f))[0]
-        configs.append((name, load_sampler_yaml(fetch_local(f))))
-    if not configs:
+    base, _ = load_model(ckpt)  # a bad checkpoint fails here, before Ray starts
+    names = [] if args.skip_checkpoint_sampler else [("checkpoint sampler", None)]
+    names += [(os.path.splitext(os.path.basename(f))[0], f) for f in args.sampler_config]
+    if not names:
         raise SystemExit("evaluate: --skip-checkpoint-sampler needs at least one --sampler-config")
-    cfg, _ = load_model(ckpt, _set(args))
-    if dry_run(cfg, args, {"configs": configs}):
+    configs = [(name, resolve_config(args, base, [f] if f else [])) for name, f in names]
+    if dry_run(configs[0][1], args, {"configs": [n for n, _ in names]}):
         return {}
     storage.check_readable(storage.join(args.data, args.split))
     storage.check_writable(args.output)
     ray = init_ray(args)
     results, done = [], {}
-    for name, overrides in configs:
-        resolved = load_config(cfg.to_dict(), overrides).to_dict()
-        key = json.dumps({k: resolved[k] for k in ("sampler", "separation")}, sort_keys=True)
+    for name, cfg in configs:
+        key = json.dumps({k: cfg.to_dict()[k] for k in ("sampler", "separation")}, sort_keys=True)
         if key in done:  # same sampler as an earlier row (e.g. the paper's = the checkpoint's)
             row = {**done[key], "name": name, "same_as": done[key]["name"]}
             log(f"evaluate [{name}]: same sampler as [{row['same_as']}], result reused")
             results.append(row)
             continue
         log(f"evaluate [{name}] on {args.data}/{args.split} ...")
-        row = evaluate_one(ray, args, ckpt, cfg, name, overrides)
+        row = evaluate_one(ray, args, ckpt, cfg, name)
         done[key] = row
         results.append(row)
         si = row["si_sdri"]
@@ -112,9 +108,10 @@ def main(argv=None) -> dict:
     out = {**{k: results[0][k] for k in ("si_sdri", "windows", "nfe", "seconds")},
            "split": args.split, "configs": results}
     write_json(storage.join(args.output, "results.json"), out)
-    table = markdown_table(results, cfg.data.stems)
+    stems = configs[0][1].data.stems
+    table = markdown_table(results, stems)
     storage.write_bytes(storage.join(args.output, "results.md"), table.encode())
-    plot_stem_bars(results, cfg.data.stems, storage.join(args.output, "si_sdri.png"))
+    plot_stem_bars(results, stems, storage.join(args.output, "si_sdri.png"))
     print(table)
     return out
 

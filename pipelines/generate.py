@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import json
 
-from msdm.config import parse_override
-
 from . import storage
-from .common import dry_run, init_ray, log, parser
-from .stages import GenerateBatch, load_model, parse_ckpt, stable_seed, write_sample
+from .common import dry_run, init_ray, log, parse_ckpt, parser, resolve_config
+from .generation import GenerateBatch, write_sample
+from .models import load_model, stable_seed
 
 
 def build_parser():
@@ -39,8 +38,8 @@ def build_parser():
 def main(argv=None) -> list[dict]:
     args = build_parser().parse_args(argv)
     ckpt = parse_ckpt(args.ckpt)
-    overrides = dict(parse_override(o) for o in args.overrides)
-    cfg, _ = load_model(ckpt, overrides)
+    base, _ = load_model(ckpt)  # a bad checkpoint fails here, before Ray starts
+    cfg = resolve_config(args, base=base)
     given = {}
     for g in args.given:
         stem, sep, uri = g.partition("=")
@@ -57,7 +56,7 @@ def main(argv=None) -> list[dict]:
     items = [{"index": i, "seed": stable_seed(args.seed, "generate", i)} for i in range(args.num)]
     ds = ray.data.from_items(items).map_batches(
         GenerateBatch, batch_size=args.batch_size, batch_format="numpy",
-        fn_constructor_kwargs={"ckpt": ckpt, "overrides": overrides,
+        fn_constructor_kwargs={"ckpt": ckpt, "cfg": cfg.to_dict(),
                                "num_gpus": args.gpus_per_actor, "seconds": seconds,
                                "given": given},
         compute=ray.data.ActorPoolStrategy(size=args.actors), num_gpus=args.gpus_per_actor)

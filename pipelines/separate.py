@@ -23,19 +23,16 @@ from msdm.sampling import nfe
 
 from . import storage
 from .catalog import (
-    SeparateSegments,
-    _plan_sizes,
-    assemble_track,
-    complete,
-    decode_segments,
+    ManifestWriter,
+    check_template,
     existing_files,
     list_inputs,
     output_paths,
     read_manifest,
-    write_manifest,
 )
-from .common import dry_run, fetch_local, init_ray, log, parser
-from .stages import load_model, parse_ckpt
+from .common import dry_run, init_ray, log, parse_ckpt, parser, resolve_config
+from .models import load_model
+from .segments import SeparateSegments, assemble_track, decode_segments
 
 SUBTYPES = ("PCM_16", "PCM_24", "FLOAT")
 
@@ -64,8 +61,13 @@ def _options(args):
     subtype = args.subtype or ("FLOAT" if args.format == "wav" else "PCM_24")
     if args.format == "flac" and subtype == "FLOAT":
         sys.exit("--format flac cannot store FLOAT samples; use --subtype PCM_16 or PCM_24")
-    if args.sample_rate != "original" and not args.sample_rate.isdigit():
-        sys.exit("--sample-rate must be 'original' or an integer rate in Hz")
+    if args.sample_rate != "original" and not (args.sample_rate.isdigit()
+                                               and int(args.sample_rate) > 0):
+        sys.exit("--sample-rate must be 'original' or a positive integer rate in Hz")
+    try:
+        check_template(args.filename)
+    except ValueError as e:
+        sys.exit(str(e))
     return subtype
 
 
@@ -73,11 +75,8 @@ def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     subtype = _options(args)
     ckpt = parse_ckpt(args.ckpt)
-    from msdm.config import load_sampler_yaml, parse_override
-
-    overrides = load_sampler_yaml(fetch_local(args.sampler_config)) if args.sampler_config else {}
-    overrides.update(dict(parse_override(o) for o in args.overrides))
-    cfg, _ = load_model(ckpt, overrides)
+    base, _ = load_model(ckpt)  # a bad checkpoint fails here, before Ray starts
+    cfg = resolve_config(args, base, [args.sampler_config] if args.sampler_config else [])
     items = list_inputs(args.input)
     if dry_run(cfg, args, {"inputs": len(items), "subtype": subtype}):
         return {}
@@ -85,38 +84,48 @@ def main(argv=None) -> dict:
         sys.exit(f"no audio files found at {args.input}")
     _check_names(items, cfg.data.stems, args)
     storage.check_writable(args.output)
-    manifest = read_manifest(args.output)
-    have = existing_files(args.output)
-    todo, skipped = [], 0
+    manifest, problems = read_manifest(args.output)
+    for p in problems:
+        log(f"manifest: {p}")
+    writer, have = ManifestWriter(args.output), existing_files(args.output)
+    todo, done_rows = [], []
     for it in items:
-        if complete(it, cfg.data.stems, args.output, args.filename, args.format, have):
-            manifest[it["input"]] = {**manifest.get(it["input"], {}), "input": it["input"],
-                                     "status": "skipped", "error": ""}
-            skipped += 1
+        try:
+            paths = output_paths(it, cfg.data.stems, args.output, args.filename, args.format)
+        except ValueError as e:
+            done_rows.append({"input": it["input"], "key": it["key"], "status": "failed",
+                              "error": str(e), "outputs": {}, "time": time.time()})
+            continue
+        if all(storage.get_fs(p)[1] in have for p in paths.values()):
+            old = manifest.get(it["input"], {})
+            done_rows.append({**old, "input": it["input"], "key": it["key"], "outputs": paths,
+                              "status": "skipped", "error": "", "time": time.time()})
         else:
             todo.append(it)
-    k = nfe(cfg.sampler.num_steps, cfg.sampler.resamples, cfg.sampler.solver)
-    log(f"separate: {len(items)} inputs, {skipped} already done, {len(todo)} to do -> "
-        f"{args.output} (NFE per segment {k}, {args.actors} actor(s))")
+    writer.append(done_rows)
+    log(f"separate: {len(items)} inputs, {len(items) - len(todo)} settled, {len(todo)} to do "
+        f"-> {args.output} (NFE per segment {nfe(cfg.sampler)}, {args.actors} actor(s))")
     ray = init_ray(args) if todo else None
-    t0 = time.time()
+    t0, rows = time.time(), list(done_rows)
     for w in range(0, len(todo), args.wave_size):
-        wave = todo[w : w + args.wave_size]
-        for row in _run_wave(ray, args, ckpt, cfg, overrides, subtype, wave):
-            manifest[row["input"]] = row
+        wave = _run_wave(ray, args, ckpt, cfg, subtype, todo[w : w + args.wave_size])
+        writer.append(wave)  # one new part per wave: a crash loses at most one wave
+        rows += wave
+        for row in wave:
             log(f"  {row['status']:<6} {row['key']} "
-                + (f"{row['duration_s']:.1f} s, residual {row['residual_db']:.1f} dB"
-                   if row["status"] == "ok" else row["error"]))
-        write_manifest(args.output, manifest)  # after every wave: a crash loses one wave
-    write_manifest(args.output, manifest)
-    counts = {s: sum(r["status"] == s for r in manifest.values()) for s in
-              ("ok", "failed", "skipped")}
+                + (f"{row['duration_s']:.1f} s" if row["status"] == "ok" else row["error"]))
+        log(f"  {min(w + args.wave_size, len(todo))}/{len(todo)} tracks, "
+            f"{time.time() - t0:.0f} s")
+    manifest = writer.compact()
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed", "skipped")}
     log(f"done in {time.time() - t0:.1f} s: {counts}")
+    if rows and counts["failed"] == len(rows):
+        raise SystemExit(f"separate: every input failed ({len(rows)}); see "
+                         f"{storage.join(args.output, '_manifest.jsonl')}")
     return {"counts": counts, "manifest": manifest}
 
 
-def _run_wave(ray, args, ckpt, cfg, overrides, subtype, wave) -> list[dict]:
-    margin, overlap = _plan_sizes(cfg)
+def _run_wave(ray, args, ckpt, cfg, subtype, wave) -> list[dict]:
     # Small blocks: a long track becomes many blocks of segments instead of one huge block,
     # so a model actor only ever maps a few batches' worth of audio (flat memory).
     seg_bytes = 4 * cfg.data.chunk_samples * (1 + len(cfg.data.stems))
@@ -125,10 +134,10 @@ def _run_wave(ray, args, ckpt, cfg, overrides, subtype, wave) -> list[dict]:
     ds = ray.data.from_items(wave, override_num_blocks=len(wave))
     ds = ds.flat_map(decode_segments, fn_kwargs={
         "sample_rate": cfg.data.sample_rate, "segment": cfg.data.chunk_samples,
-        "margin": margin, "overlap": overlap})
+        "margin": cfg.separation.margin, "overlap": cfg.separation.overlap})
     ds = ds.map_batches(
         SeparateSegments, batch_size=args.batch_size, batch_format="numpy",
-        fn_constructor_kwargs={"ckpt": ckpt, "overrides": overrides,
+        fn_constructor_kwargs={"ckpt": ckpt, "cfg": cfg.to_dict(),
                                "num_gpus": args.gpus_per_actor, "seed": args.seed},
         compute=ray.data.ActorPoolStrategy(size=args.actors), num_gpus=args.gpus_per_actor)
     ds = ds.groupby("key", num_partitions=max(1, min(len(wave), 16))).map_groups(
@@ -142,7 +151,11 @@ def _run_wave(ray, args, ckpt, cfg, overrides, subtype, wave) -> list[dict]:
 def _check_names(items, stems, args) -> None:
     seen: dict[str, str] = {}
     for it in items:
-        for path in output_paths(it, stems, args.output, args.filename, args.format).values():
+        try:
+            paths = output_paths(it, stems, args.output, args.filename, args.format)
+        except ValueError:
+            continue  # reported as this item's failed row
+        for path in paths.values():
             if path in seen and seen[path] != it["input"]:
                 sys.exit(f"{seen[path]} and {it['input']} would both write {path}: use "
                          "--filename '{key}/{stem}.{ext}' to keep input sub-folders")

@@ -13,9 +13,8 @@ import argparse
 import os
 from concurrent.futures import ProcessPoolExecutor
 
-from msdm.synth import make_song, song_seed, track_folder, write_track
-
 from .common import log
+from .songs import make_song, song_seed, track_folder, write_track
 
 
 def _one(args):

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from msdm.audio import AUDIO_FORMATS, AudioError, read_audio, resample, to_mono
+from msdm.audio import AUDIO_EXTENSIONS, AudioError, read_audio, resample, to_mono
 from msdm.config import Data
 from msdm.data import (
     COL_CHUNK,
@@ -35,8 +35,6 @@ from msdm.data import (
 
 from . import storage
 
-AUDIO_EXT = tuple(f".{e}" for e in AUDIO_FORMATS)
-
 
 def find_tracks(root: str, splits=SPLITS) -> list[dict]:
     """Every track folder under root/{split}/ as {track_id, split, uri, layout}, sorted."""
@@ -51,7 +49,7 @@ def find_tracks(root: str, splits=SPLITS) -> list[dict]:
     for (split, track), names in sorted(by_track.items()):
         if "metadata.yaml" in names:
             layout = "slakh"
-        elif any(n.lower().endswith(AUDIO_EXT) and "/" not in n for n in names):
+        elif any(n.lower().endswith(AUDIO_EXTENSIONS) and "/" not in n for n in names):
             layout = "msdm"
         else:
             continue
@@ -107,7 +105,7 @@ def load_track(track: dict, data: Data, class_map: ClassMap) -> np.ndarray:
         files = {}
         for stem in data.stems:
             match = [f for f in present if posixpath.splitext(f)[0] == stem
-                     and f.lower().endswith(AUDIO_EXT)]
+                     and f.lower().endswith(AUDIO_EXTENSIONS)]
             files[stem] = [storage.join(uri, sorted(match)[0])] if match else []
     parts, rates = {}, set()
     for stem, uris in files.items():

@@ -14,17 +14,18 @@ by validation loss are kept, and the best EMA weights are exported as STORAGE/NA
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 
-from msdm.checkpoint import load_state, save
-from msdm.config import apply_overrides
-from msdm.data import COL_CHUNK, COL_TRACK
+from msdm.checkpoint import CheckpointError, check_size, load_state, save
+from msdm.config import ConfigError, apply_overrides
 
 from . import storage
 from .common import dry_run, init_ray, log, parser, resolve_config, write_json
 from .report import plot_loss
-from .trainloop import decode_batch, train_loop_per_worker
+from .stages import decode_batch, read_chunks
+from .trainloop import train_loop_per_worker
 
 
 def build_parser():
@@ -45,18 +46,43 @@ def build_parser():
     return p
 
 
-def _validation_chunks(ray, data_uri: str, cfg) -> np.ndarray:
-    """The first train.val_chunks chunks of DATA/validation (sorted), [N, S, T]: fixed forever."""
+def _validation_chunks(data_uri: str, cfg) -> np.ndarray:
+    """The first train.val_chunks chunks of DATA/validation (file order), [N, S, T]: fixed."""
     split = storage.join(data_uri, "validation")
     if not storage.listdir(split):
         log(f"no {split}: validating on the first chunks of the train split")
         split = storage.join(data_uri, "train")
-    ds = ray.data.read_parquet(split).sort([COL_TRACK, COL_CHUNK]).limit(cfg.train.val_chunks)
-    parts = [b["x"] for b in ds.map_batches(decode_batch, batch_format="pyarrow",
-                                            fn_kwargs={"stems": cfg.data.stems,
-                                                       "stem": cfg.train.stem}).iter_batches(
-        batch_format="numpy")]
-    return np.concatenate(parts).astype(np.float32)
+    return read_chunks(split, cfg.data.stems, cfg.train.val_chunks, cfg.train.stem)["x"]
+
+
+def _check_data(data_uri: str, cfg) -> None:
+    """The prepared data must have been made with this config's rate, chunk length and stems."""
+    uri = storage.join(data_uri, "_report.json")
+    if not storage.exists(uri):
+        log(f"warning: {uri} not found; cannot check the data's sample rate and chunk length")
+        return
+    try:
+        report = json.loads(storage.read_bytes(uri))
+    except ValueError as e:
+        raise ConfigError(f"{uri}: not valid JSON ({e})") from e
+    want = {"sample_rate": cfg.data.sample_rate, "chunk_samples": cfg.data.chunk_samples,
+            "stems": list(cfg.data.stems)}
+    bad = {k: (report.get(k), v) for k, v in want.items() if report.get(k) != v}
+    if bad:
+        raise ConfigError(f"{data_uri} was prepared with " + ", ".join(
+            f"data.{k}={got}" for k, (got, _) in bad.items()) + " but the config says "
+            + ", ".join(f"data.{k}={v}" for k, (_, v) in bad.items())
+            + ": prepare it again with this config, or train with the data's settings")
+
+
+def _check_warm_start(uri: str, cfg) -> None:
+    """Validate --warm-start in the driver: readable, small enough and the same network."""
+    state = load_state(io.BytesIO(storage.read_bytes(uri)), name=uri)
+    other = state["config"]
+    check_size(other, uri)
+    if (other.model, other.num_stems) != (cfg.model, cfg.num_stems):
+        raise CheckpointError(f"--warm-start {uri}: its network (model.*, {other.num_stems} "
+                              f"stems) differs from this run's ({cfg.num_stems} stems)")
 
 
 def _export_best(result, run_uri: str) -> dict:
@@ -85,10 +111,16 @@ def main(argv=None) -> dict:
     if cfg.train.stem and cfg.train.stem not in cfg.data.stems:
         raise SystemExit(f"--stem {cfg.train.stem!r} is not one of data.stems {cfg.data.stems}")
     run_uri = storage.join(args.storage, args.name)
+    if args.num_workers < 1 or cfg.train.batch_size % args.num_workers:
+        raise SystemExit(f"train.batch_size ({cfg.train.batch_size}) is the global batch: it "
+                         f"must divide by --num-workers ({args.num_workers})")
     if dry_run(cfg, args, {"run": run_uri, "workers": args.num_workers, "gpu": args.gpu}):
         return {}
     storage.check_readable(storage.join(args.data, "train"))
     storage.check_writable(args.storage)
+    _check_data(args.data, cfg)
+    if args.warm_start:
+        _check_warm_start(args.warm_start, cfg)
     resuming = any(n.startswith("checkpoint_") for n in storage.listdir(run_uri))
     log(f"train: run {run_uri} ({'resuming' if resuming else 'new run'}), "
         f"{args.num_workers} worker(s), {'GPU' if args.gpu else 'CPU'}")
@@ -98,15 +130,14 @@ def main(argv=None) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    val_ref = ray.put(_validation_chunks(ray, args.data, cfg))
+    _check_resources(ray, args)
+    val_ref = ray.put(_validation_chunks(args.data, cfg))
     train_ds = ray.data.read_parquet(storage.join(args.data, "train")).map_batches(
         decode_batch, batch_format="pyarrow",
         fn_kwargs={"stems": cfg.data.stems, "stem": cfg.train.stem})
     if _dataset_bytes(storage.join(args.data, "train")) < 0.25 * _object_store_bytes(ray):
         train_ds = train_ds.materialize()  # small: read once, not once per epoch
         log(f"train split materialised in the object store ({train_ds.count()} chunks)")
-    if args.num_workers < 1:
-        raise SystemExit("--num-workers must be >= 1")
     cpus = args.cpus_per_worker or _default_cpus(ray, args.num_workers)
     resources = {"CPU": cpus, **({"GPU": 1} if args.gpu else {})}
     fs, path = storage.pyarrow_fs(args.storage)
@@ -140,6 +171,25 @@ def _dataset_bytes(uri: str) -> int:
 
 def _object_store_bytes(ray) -> float:
     return ray.cluster_resources().get("object_store_memory", 0)
+
+
+def _check_resources(ray, args) -> None:
+    """Fail with a message, not an endless retry, when the cluster cannot host the workers."""
+    have = ray.cluster_resources()
+    need = {"GPU": args.num_workers if args.gpu else 0,
+            "CPU": args.num_workers * (args.cpus_per_worker or 0.25)}
+    short = {k: (v, have.get(k, 0)) for k, v in need.items() if v > have.get(k, 0)}
+    if short and not _autoscaling(ray):
+        raise SystemExit("train: --num-workers " + str(args.num_workers) + " needs " + ", ".join(
+            f"{v:g} {k} but the cluster has {h:g}" for k, (v, h) in short.items())
+            + "; lower --num-workers/--cpus-per-worker or add nodes")
+
+
+def _autoscaling(ray) -> bool:
+    """True on a `ray up` cluster whose autoscaler can add nodes (a local cluster cannot)."""
+    import os
+
+    return os.path.exists(os.path.expanduser("~/ray_bootstrap_config.yaml"))
 
 
 def _default_cpus(ray, num_workers: int) -> float:

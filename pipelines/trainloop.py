@@ -14,18 +14,12 @@ import torch
 
 from msdm.checkpoint import build_denoiser, load_state, save
 from msdm.config import Config
-from msdm.data import batch_to_tensor, random_shift
+from msdm.data import random_shift
 from msdm.training import make_ema, make_optimizer, train_step, validation_loss
 
 from . import storage
 
 CSV_FIELDS = ["step", "loss", "val_loss", "samples_per_s", "data_wait", "lr", "elapsed_s"]
-
-
-def decode_batch(table, stems, stem: str = "") -> dict:
-    """Ray Data map_batches UDF (pyarrow in): stem columns -> one float32 'x' [B, S, T]."""
-    x = batch_to_tensor(table, (stem,) if stem else tuple(stems)).numpy()
-    return {"x": x}
 
 
 def _restore(cfg, model, ema, opt, opts, device):
@@ -70,11 +64,10 @@ def train_loop_per_worker(config: dict) -> None:
     ema = make_ema(denoiser)
     opt = make_optimizer(denoiser, cfg)
     step, history = _restore(cfg, denoiser, ema, opt, opts, device)
-    start_step = step
     model = prepare_model(denoiser)  # [ray] DDP (gloo on CPU, nccl on GPU) when world > 1
     val_x = torch.from_numpy(ray.get(opts["val_ref"])).to(device) if rank == 0 else None  # [ray]
     gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank + 7919 * step)
-    per_worker = max(1, cfg.train.batch_size // world)
+    per_worker = cfg.train.batch_size // world  # the driver checked that it divides
     shard = ray.train.get_dataset_shard("train")  # [ray]
     t_start, last_log, waited, samples = time.time(), time.time(), 0.0, 0
     val: dict = {}
@@ -93,12 +86,6 @@ def train_loop_per_worker(config: dict) -> None:
             loss = train_step(model, x, opt, cfg, gen, ema)
             step += 1
             samples += x.shape[0] * world
-            if cfg.train.fault_step == step and start_step == 0 and rank == world - 1:
-                print(f"[train] fault injection: rank {rank} exits at step {step}", flush=True)
-                # Ray Train collects reports every 2 s: a checkpoint reported less than that
-                # before a crash can be lost. Wait, so the test measures recovery, not the race.
-                time.sleep(5)
-                os._exit(1)
             done = step >= cfg.train.max_steps
             if step % cfg.train.val_every == 0 or step % cfg.train.checkpoint_every == 0 or done:
                 val = validation_loss(ema, val_x, cfg) if rank == 0 else {}

@@ -16,25 +16,27 @@ from __future__ import annotations
 import csv
 import io
 
-import numpy as np
 import yaml
 
-from msdm.config import ConfigError, config_keys, parse_override
-from msdm.data import COL_CHUNK, COL_TRACK
+from msdm.config import ConfigError, config_keys
 
 from . import storage
-from .common import dry_run, init_ray, log, parser, write_json
+from .common import dry_run, init_ray, log, parse_ckpt, parser, resolve_config, write_json
+from .models import load_model
 from .report import plot_nfe
-from .stages import load_model, parse_ckpt, sweep_trial
-from .trainloop import decode_batch
+from .stages import read_chunks
+from .sweep import sweep_trial
 
 KINDS = ("choice", "uniform", "loguniform", "randint", "quniform")
 
 
 def load_space(path: str) -> dict:
     """Read a tune_spaces YAML; every key must be a config field and every kind known."""
-    spec = yaml.safe_load(storage.read_bytes(path).decode()) or {}
-    if not isinstance(spec.get("space"), dict) or not spec["space"]:
+    try:
+        spec = yaml.safe_load(storage.read_bytes(path).decode()) or {}
+    except (storage.StorageError, yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the search space ({e})") from e
+    if not isinstance(spec, dict) or not isinstance(spec.get("space"), dict) or not spec["space"]:
         raise ConfigError(f"{path}: needs a non-empty 'space' mapping")
     unknown = sorted(set(spec["space"]) - config_keys())
     if unknown:
@@ -66,49 +68,42 @@ def build_parser():
     p.add_argument("--split", default="validation")
     p.add_argument("--space", required=True, help="tune_spaces/*.yaml")
     p.add_argument("--num-samples", type=int, default=None, help="trials (default: the space's)")
-    p.add_argument("--max-concurrent", type=int, default=2)
+    p.add_argument("--max-concurrent", type=int, default=0,
+                   help="trials at once (default: as many as the cluster fits, <= 8)")
     p.add_argument("--max-chunks", type=int, default=32, help="validation chunks per trial")
-    p.add_argument("--gpus-per-trial", type=float, default=None, help="default: 1 if GPUs")
+    p.add_argument("--gpus-per-trial", type=float, default=0,
+                   help="GPUs per trial; requested from the autoscaler when the cluster has none")
+    p.add_argument("--cpus-per-trial", type=float, default=None,
+                   help="CPUs per trial (default: 1, 0.5 with --smoke-test)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--storage", required=True)
     p.add_argument("--name", required=True, help="sweep name; an existing name resumes")
     return p
 
 
-def _validation(ray, args, cfg) -> dict:
-    ds = ray.data.read_parquet(storage.join(args.data, args.split)).sort([COL_TRACK, COL_CHUNK])
-    rows = ds.limit(args.max_chunks).map_batches(
-        lambda t: {**decode_batch(t, cfg.data.stems), COL_TRACK: t[COL_TRACK].to_numpy(),
-                   COL_CHUNK: t[COL_CHUNK].to_numpy()}, batch_format="pyarrow").take_all()
-    return {"x": np.stack([r["x"] for r in rows]).astype(np.float32),
-            "track_id": np.array([r[COL_TRACK] for r in rows], dtype=object),
-            "chunk_index": np.array([r[COL_CHUNK] for r in rows])}
-
-
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     ckpt = parse_ckpt(args.ckpt)
     spec = load_space(args.space)
-    base = dict(parse_override(o) for o in args.overrides)
-    cfg, _ = load_model(ckpt, base)
+    base, _ = load_model(ckpt)  # a bad checkpoint fails here, before Ray starts
+    cfg = resolve_config(args, base=base)
     num_samples = args.num_samples or int(spec.get("num_samples", 16))
     if dry_run(cfg, args, {"space": spec, "num_samples": num_samples}):
         return {}
+    val = read_chunks(storage.join(args.data, args.split), cfg.data.stems, args.max_chunks)
     sweep_uri = storage.join(args.storage, args.name)
     ray = init_ray(args)
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.hyperopt import HyperOptSearch
 
-    gpus = args.gpus_per_trial
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) else 0.0
-    val = _validation(ray, args, cfg)  # with_parameters ships it through the object store
+    cpus = args.cpus_per_trial or (0.5 if args.smoke_test else 1.0)
+    concurrent = _concurrency(ray, args, cpus, num_samples)
     trainable = tune.with_resources(
-        tune.with_parameters(sweep_trial, ckpt=ckpt, base=base, val=val, seed=args.seed,
-                             cost_per_nfe=float(spec.get("cost_per_nfe", 0.0)), num_gpus=gpus,
-                             batch_size=args.batch_size),
-        {"cpu": 0.5 if args.smoke_test else 1.0, "gpu": gpus})
+        tune.with_parameters(sweep_trial, ckpt=ckpt, base=cfg.to_dict(), val=val,
+                             seed=args.seed, cost_per_nfe=float(spec.get("cost_per_nfe", 0.0)),
+                             num_gpus=args.gpus_per_trial, batch_size=args.batch_size),
+        {"cpu": cpus, "gpu": args.gpus_per_trial})
     fs, path = storage.pyarrow_fs(args.storage)
     metric, mode = spec.get("metric", "si_sdri"), spec.get("mode", "max")
     if tune.Tuner.can_restore(f"{path}/{args.name}", storage_filesystem=fs):
@@ -121,14 +116,31 @@ def main(argv=None) -> dict:
         tuner = tune.Tuner(
             trainable, param_space=to_tune(spec["space"]),
             tune_config=tune.TuneConfig(
-                metric=metric, mode=mode, num_samples=num_samples,
-                search_alg=ConcurrencyLimiter(searcher, max_concurrent=args.max_concurrent)),
+                metric=metric, mode=mode, num_samples=num_samples, reuse_actors=True,
+                search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrent)),
             run_config=tune.RunConfig(name=args.name, storage_path=path, storage_filesystem=fs,
                                       verbose=1))
-        log(f"tune: {num_samples} trials of {args.space} on {args.max_chunks} chunks -> "
-            f"{sweep_uri}")
+        log(f"tune: {num_samples} trials of {args.space} on {len(val['x'])} chunks, "
+            f"{concurrent} at once -> {sweep_uri}")
     grid = tuner.fit()
     return _write_outputs(grid, spec, sweep_uri, metric, mode)
+
+
+def _concurrency(ray, args, cpus: float, num_samples: int) -> int:
+    """Trials at once: --max-concurrent, else what the cluster fits. GPU trials on a cluster
+    without GPUs are requested from the autoscaler instead of silently running on CPU."""
+    if args.max_concurrent:
+        want = args.max_concurrent
+    else:
+        have = ray.cluster_resources()
+        fit = have.get("GPU", 0) / args.gpus_per_trial if args.gpus_per_trial else \
+            have.get("CPU", 1) / cpus
+        want = max(1, min(8, num_samples, int(fit) or 1))
+    if args.gpus_per_trial:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[{"GPU": args.gpus_per_trial, "CPU": cpus}] * want)
+    return want
 
 
 def _write_outputs(grid, spec, sweep_uri, metric, mode) -> dict:

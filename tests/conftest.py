@@ -139,31 +139,14 @@ def tmp_dir(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def synth_prepared(ray_local, tmp_path_factory):
     """6 generated songs of 9 s, prepared with the tiny preset (train/validation/test)."""
-    from msdm.synth import generate_dataset
     from pipelines import prepare
+    from pipelines.songs import generate_dataset
 
     root = tmp_path_factory.mktemp("synth")
     generate_dataset(root / "slakh", 6, 9.0, seed=3)
     prepare.main(["--input", str(root / "slakh"), "--output", str(root / "prepared"),
                   "--config", "tiny"])
     return root
-
-
-@pytest.fixture(scope="session")
-def gauss_ckpt(synth_prepared):
-    """An analytic checkpoint: the Gaussian prior with the stem covariance of the train split."""
-    import pyarrow.parquet as pq
-
-    from msdm.checkpoint import save
-    from msdm.config import apply_overrides
-    from msdm.data import batch_to_tensor
-
-    x = batch_to_tensor(pq.read_table(str(synth_prepared / "prepared" / "train")))
-    cov = torch.cov(x.permute(1, 0, 2).reshape(4, -1).double()) + 1e-6 * torch.eye(4).double()
-    cfg = apply_overrides(get_preset("tiny"), {"model.kind": "gaussian"})
-    path = synth_prepared / "gauss.ckpt"
-    save(path, cfg, GaussianDenoiser(cov))
-    return path
 
 
 @pytest.fixture(scope="session")

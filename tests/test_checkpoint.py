@@ -29,14 +29,61 @@ def test_round_trip_gives_identical_output(tmp_path, tiny_cfg):
         assert torch.equal(raw(x, sigma), den(x, sigma))
 
 
-def test_file_objects_and_gaussian_kind(tiny_cfg, cov):
-    cfg = apply_overrides(tiny_cfg, {"model.kind": "gaussian"})
-    den = msdm.GaussianDenoiser(cov)
+def test_file_objects_round_trip(tiny_cfg):
+    den = build_denoiser(tiny_cfg)
     buf = io.BytesIO()
-    save(buf, cfg, den)
+    save(buf, tiny_cfg, den)
     buf.seek(0)
     _, loaded = load_checkpoint(buf)
-    assert torch.equal(loaded.cov, cov)
+    x = torch.randn(1, 4, 4096)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, torch.tensor([0.3])), den(x, torch.tensor([0.3])))
+
+
+def _state(cfg, **changes):
+    state = {"format_version": 1, "config": cfg.to_dict(), "model": {}, "ema": None, "step": 0}
+    state.update(changes)
+    return state
+
+
+def test_an_oversized_network_is_refused_before_it_is_built(tmp_path, tiny_cfg):
+    """#19.3: a small file whose config asks for 4096 channels must not exhaust memory."""
+    huge = apply_overrides(msdm.load_config("paper"), {"model.channels": 4096})
+    path = tmp_path / "huge.ckpt"
+    torch.save(_state(huge), path)
+    assert path.stat().st_size < 100_000
+    with pytest.raises(CheckpointError, match=r"huge.ckpt: .* above the cap"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"format_version": "1"}, "format_version must be a positive integer"),
+    ({"format_version": None}, "format_version must be a positive integer"),
+    ({"ema": [1, 2]}, "'ema' must be a dict"),
+    ({"model": "weights"}, "'model' must be a dict"),
+    ({"model": {"net.embed.weights": torch.zeros(3)}}, "weights do not fit"),
+])
+def test_malformed_fields_name_the_file(tmp_path, tiny_cfg, change, match):
+    path = tmp_path / "bad.ckpt"
+    torch.save(_state(tiny_cfg, **change), path)
+    with pytest.raises(CheckpointError, match=match) as e:
+        load_checkpoint(path)
+    assert "bad.ckpt" in str(e.value)
+
+
+def test_a_folder_or_a_pickle_payload_is_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="is a folder"):
+        load_checkpoint(tmp_path)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"format_version": 1, "config": {}, "x": Payload()}, tmp_path / "evil.ckpt")
+    with pytest.raises(CheckpointError, match="evil.ckpt"):
+        load_checkpoint(tmp_path / "evil.ckpt")
+    assert not marker.exists()  # nothing in the file ran
 
 
 def test_corrupt_and_foreign_files_give_clear_errors(tmp_path, tiny_cfg):

@@ -52,7 +52,7 @@ def test_every_cluster_key_has_a_comment():
 @pytest.mark.slow
 def test_job_submission_to_a_local_head(tmp_path):
     """`ray start --head` (own temp dir and ports, token auth) -> `ray job submit` prepare."""
-    from msdm.synth import generate_dataset
+    from pipelines.songs import generate_dataset
 
     generate_dataset(tmp_path / "slakh", 3, 2.0, seed=5)
     bindir = os.path.dirname(sys.executable)

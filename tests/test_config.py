@@ -103,3 +103,40 @@ def test_inf_survives_yaml():
     c = Config()
     assert load_config(Config.from_dict(__import__("yaml").safe_load(c.to_yaml())).to_dict()) == c
     assert math.isinf(c.sampler.s_tmax)
+
+
+@pytest.mark.parametrize("override, match", [
+    ("separation.constrained=9", r"separation.constrained \(9\) must index one of the 4"),
+    ("data.chunk_samples=4000", r"data.chunk_samples \(4000\) must be a multiple of 64"),
+    ("separation.margin=0.6", "2 \\* margin \\+ overlap < 1"),
+    ("data.sample_rate=0", "data: sample_rate must be positive"),
+    ("data.stems=[bass, ../../x]", r"stem names must match \[A-Za-z0-9_-\]\+"),
+    ("train.stem=flute", "train.stem 'flute' is not one of data.stems"),
+    ("sampler.num_steps=0", "sampler: sampler num_steps"),
+])
+def test_semantic_errors_are_config_errors_naming_the_key(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config("tiny", [override])
+
+
+def test_sampler_yaml_errors_name_the_file(tmp_path: Path):
+    with pytest.raises(ConfigError, match="missing.yaml: cannot read"):
+        load_sampler_yaml(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sampler: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_sampler_yaml(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml: expected a mapping"):
+        load_sampler_yaml(bad)
+    bad.write_text("sampler:\n  s_chrun: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key.*sampler.s_chrun"):
+        load_sampler_yaml(bad)
+
+
+def test_presets_are_the_yaml_files_next_to_the_code():
+    from msdm.config import PRESET_DIR
+
+    assert sorted(p.stem for p in PRESET_DIR.glob("*.yaml")) == sorted(PRESETS)
+    assert get_preset("paper") == Config()
+    assert get_preset("tiny").model.channels == 16 and get_preset("small").data.sample_rate == 11025

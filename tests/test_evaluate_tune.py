@@ -9,13 +9,15 @@ import pytest
 import torch
 import yaml
 
+import msdm
 from msdm.checkpoint import load_checkpoint
 from msdm.config import apply_overrides, config_keys
 from msdm.data import batch_to_tensor
 from msdm.metrics import summarize, windowed_si_sdri
-from msdm.tasks import separate_with_config
+from msdm.tasks import item_generators
 from pipelines import evaluate, tune
-from pipelines.stages import parse_ckpt, stable_seed
+from pipelines.common import parse_ckpt
+from pipelines.models import stable_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +34,9 @@ def _direct(ckpt, split_dir, overrides=None, seed=0):
         rows = table.filter(np.array(table.column("track_id").to_pylist()) == track)
         ref = batch_to_tensor(rows)
         seeds = [stable_seed(seed, track, c) for c in rows.column("chunk_index").to_pylist()]
-        est = separate_with_config(den, ref.sum(1, keepdim=True), cfg, seeds)
+        est = msdm.separate(den, ref.sum(1, keepdim=True), 4, cfg.sampler,
+                            constrained=cfg.separation.constrained,
+                            generator=item_generators(seeds))
         ref_t, est_t = torch.cat(list(ref), -1), torch.cat(list(est), -1)
         windows.append(windowed_si_sdri(est_t, ref_t, cfg.data.sample_rate))
         kept_by_refs += windowed_si_sdri(ref_t, ref_t, cfg.data.sample_rate).shape[0]
@@ -41,16 +45,16 @@ def _direct(ckpt, split_dir, overrides=None, seed=0):
 
 
 @pytest.mark.slow
-def test_evaluate_matches_direct_computation(synth_prepared, gauss_ckpt, tmp_path):
+def test_evaluate_matches_direct_computation(synth_prepared, tiny_unet_ckpt, tmp_path):
     data = synth_prepared / "prepared"
     same = tmp_path / "same.yaml"  # the checkpoint's own sampler, written out: reused, not re-run
     same.write_text("sampler:\n  num_steps: 20\nseparation:\n  likelihood: dirac\n")
-    out = evaluate.main(["--ckpt", str(gauss_ckpt), "--data", str(data), "--output",
+    out = evaluate.main(["--ckpt", str(tiny_unet_ckpt), "--data", str(data), "--output",
                          str(tmp_path / "eval"), "--batch-size", "5", "--sampler-config",
                          str(same)])
     assert out["configs"][1]["same_as"] == "checkpoint sampler"
     assert out["configs"][1]["si_sdri"] == out["configs"][0]["si_sdri"]
-    scores, windows, by_refs = _direct(gauss_ckpt, data / "test")
+    scores, windows, by_refs = _direct(tiny_unet_ckpt, data / "test")
     # 9 s songs at 22050 Hz in 4096-sample chunks: 48 chunks = 8.9 s -> 4 windows (4 s / 2 s)
     assert out["windows"] == windows == by_refs == 4
     for stem, v in scores.items():
@@ -64,16 +68,16 @@ def test_evaluate_matches_direct_computation(synth_prepared, gauss_ckpt, tmp_pat
 
 
 @pytest.mark.slow
-def test_tune_four_trials_and_best_yaml_round_trips_into_evaluate(synth_prepared, gauss_ckpt,
+def test_tune_four_trials_and_best_yaml_round_trips_into_evaluate(synth_prepared, tiny_unet_ckpt,
                                                                   tmp_path, capfd):
     data = synth_prepared / "prepared"
-    res = tune.main(["--ckpt", str(gauss_ckpt), "--data", str(data), "--space",
+    res = tune.main(["--ckpt", str(tiny_unet_ckpt), "--data", str(data), "--space",
                      str(ROOT / "tune_spaces" / "cost_aware.yaml"), "--num-samples", "4",
                      "--storage", str(tmp_path / "sweeps"), "--name", "s", "--max-chunks", "48",
                      "--smoke-test"])
     sweep = tmp_path / "sweeps" / "s"
     assert len(res["trials"]) == 4
-    again = tune.main(["--ckpt", str(gauss_ckpt), "--data", str(data), "--space",
+    again = tune.main(["--ckpt", str(tiny_unet_ckpt), "--data", str(data), "--space",
                        str(ROOT / "tune_spaces" / "cost_aware.yaml"), "--num-samples", "4",
                        "--storage", str(tmp_path / "sweeps"), "--name", "s", "--max-chunks", "48",
                        "--smoke-test"])  # same name: the finished sweep is restored, not re-run
@@ -85,8 +89,8 @@ def test_tune_four_trials_and_best_yaml_round_trips_into_evaluate(synth_prepared
     best = yaml.safe_load((sweep / "best.yaml").read_text())
     assert set(best) == {"sampler", "separation"}
     assert best["sampler"]["num_steps"] == res["best"]["sampler.num_steps"]
-    out = evaluate.main(["--ckpt", str(gauss_ckpt), "--data", str(data), "--split", "validation",
-                         "--output", str(tmp_path / "ev"), "--sampler-config",
+    out = evaluate.main(["--ckpt", str(tiny_unet_ckpt), "--data", str(data), "--split",
+                         "validation", "--output", str(tmp_path / "ev"), "--sampler-config",
                          str(sweep / "best.yaml"), "--skip-checkpoint-sampler"])
     assert len(out["configs"]) == 1
     row = out["configs"][0]
@@ -128,7 +132,7 @@ def test_ckpt_arguments():
 
 def test_trial_metrics_scores_finite_estimates_and_floors_diverged_ones():
     from msdm.config import load_config
-    from pipelines.stages import DIVERGED_DB, trial_metrics
+    from pipelines.sweep import DIVERGED_DB, trial_metrics
 
     cfg = load_config("tiny", {"data.sample_rate": 1000, "data.chunk_samples": 2048,
                                "sampler.num_steps": 10, "sampler.resamples": 2})

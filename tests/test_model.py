@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from msdm.checkpoint import build_denoiser
-from msdm.config import Config, apply_overrides
+from msdm.config import Config, ConfigError, apply_overrides
 from msdm.diffusion import edm_loss
 from msdm.model import UNet1d, build_network, count_parameters
 from msdm.training import make_optimizer
@@ -38,9 +38,8 @@ def test_paper_total_downsampling_is_8192():
 
 
 def test_inconsistent_level_config_is_rejected(tiny_cfg):
-    bad = apply_overrides(tiny_cfg, {"model.factors": [4, 4, 4]})
-    with pytest.raises(ValueError, match="len"):
-        UNet1d(4, bad.model)
+    with pytest.raises(ConfigError, match=r"model: need len\(multipliers\)"):
+        apply_overrides(tiny_cfg, {"model.factors": [4, 4, 4]})
 
 
 def test_tiny_unet_overfits_one_batch(tiny_cfg, synthetic_stems):

@@ -4,7 +4,15 @@ import pytest
 import torch
 
 from msdm.diffusion import GaussianDenoiser
-from msdm.sampling import get_sigmas_karras, nfe, sample, sample_euler, sample_heun, to_d
+from msdm.sampling import (
+    SamplerConfig,
+    get_sigmas_karras,
+    nfe,
+    sample,
+    sample_euler,
+    sample_heun,
+    to_d,
+)
 from msdm.tasks import unconditional
 
 SD2 = 0.04  # sigma_data^2 of the 1-stem analytic prior
@@ -40,7 +48,7 @@ def test_nfe_counts_match_sampler_calls():
 
         sample(deriv, torch.randn(2, 1, 16), get_sigmas_karras(steps, 1e-3, 1.0), solver=solver,
                resamples=r, s_churn=1.0)
-        assert len(calls) == nfe(steps, r, solver)
+        assert len(calls) == nfe(SamplerConfig(num_steps=steps, resamples=r, solver=solver))
 
 
 def _final_variance(solver, steps, churn, sigma_max=20.0, seed=0):

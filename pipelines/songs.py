@@ -1,4 +1,4 @@
-"""Slakh-format multitrack generator: musically coherent songs for demos, tests and benchmarks.
+"""Slakh-format multitrack song generator for demos, tests and benchmarks (no Ray import).
 
 Each song shares a tempo, key and chord progression across its instruments: bass on chord roots,
 a drum pattern, strummed guitar and piano voicings, plus non-target instruments (strings, lead).
