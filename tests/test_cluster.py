@@ -52,7 +52,6 @@ def test_every_cluster_key_has_a_comment():
     assert keys and [ln for ln in keys if "#" not in ln] == []
 
 
-
 def _cfg():
     return yaml.safe_load((ROOT / "cluster.yaml").read_text())
 
