@@ -1,11 +1,14 @@
-"""cluster.yaml against Ray's launcher schema (offline), and `ray job submit` to a real head."""
+"""cluster.yaml against Ray's launcher schema and EC2's RunInstances shape (offline), its security
+settings, and `ray job submit` to a real head started by cluster.yaml's own head command."""
 
 import copy
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -49,41 +52,204 @@ def test_every_cluster_key_has_a_comment():
     assert keys and [ln for ln in keys if "#" not in ln] == []
 
 
+def _cfg():
+    return yaml.safe_load((ROOT / "cluster.yaml").read_text())
+
+
+def _start_command(cfg, key):
+    """The `ray start` line of head_/worker_start_ray_commands (the other one is `ray stop`)."""
+    (cmd,) = [c for c in cfg[key] if "ray start" in c]
+    return cmd
+
+
+# The head command before issue #19: no token auth, dashboard on every interface.
+OLD_HEAD = ("ulimit -n 65536; ray start --head --port=6379 --object-manager-port=8076 "
+            "--autoscaling-config=~/ray_bootstrap_config.yaml --dashboard-host=0.0.0.0")
+
+
+def _check_token_auth(cfg):
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        cmd = _start_command(cfg, key)
+        before = cmd[:cmd.index("ray start")]
+        assert "export RAY_AUTH_MODE=token;" in before, f"{key}: no token auth"
+
+
+def test_every_node_starts_ray_with_token_auth():
+    cfg = _cfg()
+    _check_token_auth(cfg)
+    assert "--env RAY_AUTH_MODE=token" in cfg["docker"]["run_options"]  # ray exec, attach, drivers
+    text = (ROOT / "cluster.yaml").read_text()
+    assert not re.search(r"RAY_AUTH_TOKEN\s*[=:]\s*\S", text), "a token value in cluster.yaml"
+    assert "RAY_AUTH_MODE=disabled" not in text
+    hostile = copy.deepcopy(cfg)
+    hostile["head_start_ray_commands"][-1] = OLD_HEAD
+    with pytest.raises(AssertionError, match="head_start_ray_commands: no token auth"):
+        _check_token_auth(hostile)
+
+
+def _check_dashboard_on_loopback(cfg):
+    args = shlex.split(_start_command(cfg, "head_start_ray_commands").split("ray start", 1)[1])
+    hosts = [a.split("=", 1)[1] for a in args if a.startswith("--dashboard-host=")]
+    hosts += [args[i + 1] for i, a in enumerate(args) if a == "--dashboard-host"]
+    assert hosts == ["127.0.0.1"], f"dashboard host {hosts}: must be 127.0.0.1 (SSH tunnel)"
+
+
+def test_dashboard_is_bound_to_loopback():
+    cfg = _cfg()
+    _check_dashboard_on_loopback(cfg)
+    assert "0.0.0.0" not in (ROOT / "cluster.yaml").read_text()
+    hostile = copy.deepcopy(cfg)
+    hostile["head_start_ray_commands"][-1] = OLD_HEAD
+    with pytest.raises(AssertionError, match=r"\['0.0.0.0'\]: must be 127.0.0.1"):
+        _check_dashboard_on_loopback(hostile)
+
+
+def _check_token_mount(cfg):
+    token = {dst: src for dst, src in cfg["file_mounts"].items() if "auth_token" in dst}
+    # Ray's default token path on both sides: the client's `ray job submit` finds it there too.
+    assert token == {"~/.ray/auth_token": "~/.ray/auth_token"}, f"token mount {token}"
+    local = Path(os.path.expanduser(token["~/.ray/auth_token"])).resolve()
+    if local.is_relative_to(ROOT):  # a token file in the repo must at least be git-ignored
+        ignored = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", str(local)])
+        assert ignored.returncode == 0, f"{local} is in the repository and not git-ignored"
+
+
+def test_token_file_is_mounted_from_outside_the_repo():
+    cfg = _cfg()
+    _check_token_mount(cfg)
+    assert not Path(os.path.expanduser("~/.ray/auth_token")).resolve().is_relative_to(ROOT)
+    hostile = copy.deepcopy(cfg)
+    hostile["file_mounts"] = {"/home/ray/msdm": ".", "~/.ray/auth_token": str(ROOT / "auth_token")}
+    with pytest.raises(AssertionError, match="token mount"):
+        _check_token_mount(hostile)
+
+
+def _check_node_types(cfg):
+    for name, node_type in cfg["available_node_types"].items():
+        node = node_type["node_config"]
+        assert node.get("MetadataOptions") == {
+            "HttpTokens": "required", "HttpEndpoint": "enabled", "HttpPutResponseHopLimit": 2,
+        }, f"{name}: IMDSv2 not required"
+        # No ImageId = Ray's default DLAMI (CUDA 11.2), whose driver is too old for torch 2.14.
+        assert re.fullmatch(r"ami-[0-9a-f]{8,17}|resolve:ssm:/aws/service/deeplearning/ami/x86_64/"
+                            r"base-oss-nvidia-driver-gpu-ubuntu-2[24]\.04/latest/ami-id",
+                            node.get("ImageId", "")), f"{name}: no pinned ImageId"
+
+
+def test_every_node_type_requires_imdsv2_and_pins_a_gpu_image():
+    cfg = _cfg()
+    _check_node_types(cfg)
+    no_image = copy.deepcopy(cfg)
+    del no_image["available_node_types"]["gpu_worker"]["node_config"]["ImageId"]
+    _validate(no_image)  # Ray accepts it and silently falls back to its CUDA 11.2 AMI
+    with pytest.raises(AssertionError, match="gpu_worker: no pinned ImageId"):
+        _check_node_types(no_image)
+    imdsv1 = copy.deepcopy(cfg)
+    head_imds = imdsv1["available_node_types"]["head"]["node_config"]["MetadataOptions"]
+    head_imds["HttpTokens"] = "optional"
+    with pytest.raises(AssertionError, match="head: IMDSv2 not required"):
+        _check_node_types(imdsv1)
+
+
+def test_node_configs_match_ec2_run_instances():
+    """Ray passes node_config to EC2 create_instances unchanged: check its keys with botocore."""
+    botocore_session = pytest.importorskip("botocore.session")
+    from botocore.validate import ParamValidator
+
+    ec2 = botocore_session.get_session().get_service_model("ec2")
+    shape = ec2.operation_model("RunInstances").input_shape
+    cfg = _cfg()
+    for name, node_type in cfg["available_node_types"].items():
+        params = {**node_type["node_config"], "MinCount": 1, "MaxCount": 1}
+        report = ParamValidator().validate(params, shape)
+        assert not report.has_errors(), (name, report.generate_report())
+    hostile = {**cfg["available_node_types"]["head"]["node_config"], "MinCount": 1, "MaxCount": 1,
+               "MetadataOptions": {"HttpToken": "required"}}  # misspelt: EC2 rejects the launch
+    assert "HttpToken" in ParamValidator().validate(hostile, shape).generate_report()
+
+
+def _lan_ip():
+    """This machine's address on its default route, or None (a dashboard there must be refused)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))
+            ip = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if ip.startswith("127.") else ip
+
+
+def _head_command(cfg, port, dash, temp):
+    """cluster.yaml's head start command, run as written except for node-local ports and paths."""
+    cmd = _start_command(cfg, "head_start_ray_commands")
+    for old, new in [("--port=6379", f"--port={port}"),
+                     ("--object-manager-port=8076", f"--object-manager-port={free_port()}"),
+                     ("--autoscaling-config=~/ray_bootstrap_config.yaml", "")]:
+        assert cmd.count(old) == 1, old
+        cmd = cmd.replace(old, new)
+    return (f"{cmd} --block --num-cpus 2 --dashboard-port {dash} --temp-dir {temp} "
+            "--disable-usage-stats")
+
+
+def _submit(url, env, *entrypoint, working_dir=None):
+    wd = ["--working-dir", str(working_dir)] if working_dir else []
+    ray = f"{os.path.dirname(sys.executable)}/ray"
+    return subprocess.run([ray, "job", "submit", "--address", url, *wd, "--", *entrypoint],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
 @pytest.mark.slow
-def test_job_submission_to_a_local_head(tmp_path):
-    """`ray start --head` (own temp dir and ports, token auth) -> `ray job submit` prepare."""
+def test_head_from_cluster_yaml_refuses_jobs_without_the_token(tmp_path):
+    """cluster.yaml's head command -> job API on 127.0.0.1 only; a submit without the token or
+    with a wrong one is refused (AuthenticationError); with the token, `pipelines.prepare` runs."""
     from pipelines.songs import generate_dataset
 
     generate_dataset(tmp_path / "slakh", 3, 2.0, seed=5)
     bindir = os.path.dirname(sys.executable)
-    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN": secrets.token_hex(16)}
-    env.pop("RAY_ADDRESS", None)
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    base["PATH"] = f"{bindir}:{os.environ['PATH']}"
+    home = tmp_path / "node_home"  # the token reaches a node as ~/.ray/auth_token (file_mounts)
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text(secrets.token_hex(32))
+    (home / ".ray" / "auth_token").chmod(0o600)
+    stranger = tmp_path / "stranger_home"  # a client with no token anywhere
+    stranger.mkdir()
     port, dash = free_port(), free_port()
     temp = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")
-    head = subprocess.Popen(
-        [f"{bindir}/ray", "start", "--head", "--block", "--num-cpus", "2", "--port", str(port),
-         "--dashboard-port", str(dash), "--dashboard-host", "127.0.0.1", "--temp-dir", temp,
-         "--disable-usage-stats"], env=env, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    head = subprocess.Popen(["bash", "-c", _head_command(_cfg(), port, dash, temp)],
+                            env={**base, "HOME": str(home)}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{dash}"
         deadline = time.time() + 90
         while True:
             try:
                 urllib.request.urlopen(url + "/api/version", timeout=2)
-                break
-            except urllib.error.HTTPError:  # 401 without the token: the server is up
+                pytest.fail("the job API answered a request without the token")
+            except urllib.error.HTTPError as e:  # the server is up and wants the token
+                assert e.code in (401, 403), e.code
                 break
             except OSError:
                 assert time.time() < deadline and head.poll() is None, "head did not start"
                 time.sleep(1)
-        out = tmp_path / "prepared"
-        proc = subprocess.run(
-            [f"{bindir}/ray", "job", "submit", "--address", url, "--working-dir", str(ROOT),
-             "--", "python", "-m", "pipelines.prepare", "--input", str(tmp_path / "slakh"),
-             "--output", str(out), "--config", "tiny"],
-            env=env, capture_output=True, text=True, timeout=300)
+        if (ip := _lan_ip()) is not None:  # --dashboard-host=127.0.0.1: nothing on other interfaces
+            with pytest.raises(OSError):
+                socket.create_connection((ip, dash), timeout=2).close()
+
+        no_token = _submit(url, {**base, "HOME": str(stranger)}, "echo", "pwned")
+        assert no_token.returncode != 0 and "pwned" not in no_token.stdout
+        assert "AuthenticationError" in no_token.stderr, no_token.stderr[-2000:]
+        assert "no authentication token was found" in no_token.stderr, no_token.stderr[-2000:]
+        wrong = _submit(url, {**base, "HOME": str(stranger), "RAY_AUTH_MODE": "token",
+                              "RAY_AUTH_TOKEN": secrets.token_hex(32)}, "echo", "pwned")
+        assert wrong.returncode != 0 and "pwned" not in wrong.stdout
+        assert "invalid or incorrect" in wrong.stderr, wrong.stderr[-2000:]
+
+        out = tmp_path / "prepared"  # the client's token: ~/.ray/auth_token, as on the nodes
+        proc = _submit(url, {**base, "HOME": str(home), "RAY_AUTH_MODE": "token"},
+                       "python", "-m", "pipelines.prepare", "--input", str(tmp_path / "slakh"),
+                       "--output", str(out), "--config", "tiny", working_dir=ROOT)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         assert "succeeded" in proc.stdout + proc.stderr
         report = yaml.safe_load((out / "_report.json").read_text())
