@@ -77,11 +77,15 @@ class Diffusion:
 class Train:
     batch_size: int = 8  # global batch, split across workers
     lr: float = 1e-4
+    warmup_steps: int = 0  # linear warm-up from 0 to lr (paper: none)
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decay to lr * lr_min_ratio
+    lr_min_ratio: float = 0.1  # at max_steps (cosine schedule)
     betas: tuple[float, float] = (0.9, 0.99)
     eps: float = 1e-8
     weight_decay: float = 0.0
     grad_clip: float = 0.0  # 0 = off (paper: no clipping)
     ema_decay: float = 0.999  # not in the paper; sampling uses the EMA weights by default
+    ema_warmup: bool = False  # decay min(ema_decay, (1 + step) / (10 + step)): short runs
     max_steps: int = 1_600_000
     checkpoint_every: int = 4000  # paper: val_check_interval 4000
     val_every: int = 4000
@@ -100,6 +104,8 @@ class Train:
         _require(not bad, f"{', '.join(bad)} must be >= 1")
         _require(self.lr > 0 and 0 <= self.ema_decay < 1,
                  f"need lr > 0 and 0 <= ema_decay < 1, got {self.lr}, {self.ema_decay}")
+        _require(self.warmup_steps >= 0 and 0 <= self.lr_min_ratio <= 1,
+                 "need warmup_steps >= 0 and 0 <= lr_min_ratio <= 1")
 
 
 @dataclass(frozen=True)
@@ -260,6 +266,11 @@ def parse_override(item: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {item!r}: cannot parse value: {e}") from e
+    if isinstance(value, str):  # YAML 1.1 reads `1e-3` as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     return key.strip(), value
 
 

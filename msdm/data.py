@@ -134,7 +134,8 @@ def chunk_track(stems: np.ndarray, chunk: int, hop: int = 0, pad_tail: bool = Fa
 def column_array(col) -> np.ndarray:
     """A stem column as float32 [B, T]: numpy 2-D, object array of rows, or an Arrow
     fixed-size list (zero-copy)."""
-    if hasattr(col, "combine_chunks") or hasattr(col, "flatten"):  # pyarrow (Chunked)Array
+    if not isinstance(col, np.ndarray) and (hasattr(col, "combine_chunks")
+                                            or hasattr(col, "flatten")):  # pyarrow arrays
         col = col.combine_chunks() if hasattr(col, "combine_chunks") else col
         n = len(col)
         return col.flatten().to_numpy(zero_copy_only=False).reshape(n, -1).astype(np.float32,

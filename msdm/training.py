@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 
 import torch
 from torch import nn
@@ -20,6 +21,25 @@ def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     t = cfg.train
     return torch.optim.Adam(model.parameters(), lr=t.lr, betas=t.betas, eps=t.eps,
                             weight_decay=t.weight_decay)
+
+
+def lr_at(step: int, t) -> float:
+    """Learning rate at `step` for the `train` config `t`: linear warm-up over warmup_steps,
+    then constant or a cosine decay to lr * lr_min_ratio at max_steps."""
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    if t.lr_schedule == "constant":
+        return t.lr
+    span = max(1, t.max_steps - t.warmup_steps)
+    progress = min(1.0, (step - t.warmup_steps) / span)
+    floor = t.lr * t.lr_min_ratio
+    return floor + (t.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def ema_decay_at(step: int, t) -> float:
+    """EMA decay at `step`: ema_decay, or with ema_warmup min(ema_decay, (1 + step)/(10 + step))
+    so a short run's average is not dominated by its random initial weights."""
+    return min(t.ema_decay, (1 + step) / (10 + step)) if t.ema_warmup else t.ema_decay
 
 
 def make_ema(model: nn.Module) -> nn.Module:
@@ -36,10 +56,13 @@ def autocast(device: torch.device, enabled: bool = True):
 
 def train_step(denoiser: nn.Module, x: torch.Tensor, optimizer: torch.optim.Optimizer,
                cfg: Config, generator: torch.Generator | None = None,
-               ema: nn.Module | None = None) -> torch.Tensor:
-    """One optimisation step on a batch x [B, S, T]; returns the (detached) mean loss."""
+               ema: nn.Module | None = None, step: int = 0) -> torch.Tensor:
+    """One optimisation step (number `step`, which sets the learning rate and EMA decay) on a
+    batch x [B, S, T]; returns the (detached) mean loss."""
     if x.ndim != 3:
         raise ValueError(f"training batch must be [B, S, T], got {tuple(x.shape)}")
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, cfg.train)
     d = cfg.diffusion
     sigma = sample_training_sigmas(x.shape[0], d.p_mean, d.p_std, generator).to(x.device)
     noise = torch.randn(x.shape, generator=generator).to(x.device)
@@ -51,7 +74,7 @@ def train_step(denoiser: nn.Module, x: torch.Tensor, optimizer: torch.optim.Opti
         torch.nn.utils.clip_grad_norm_(denoiser.parameters(), cfg.train.grad_clip)
     optimizer.step()
     if ema is not None:
-        ema_update(ema, getattr(denoiser, "module", denoiser), cfg.train.ema_decay)
+        ema_update(ema, getattr(denoiser, "module", denoiser), ema_decay_at(step, cfg.train))
     return loss.detach()
 
 

@@ -52,6 +52,9 @@ def parser(doc: str, default_config: str = "paper") -> argparse.ArgumentParser:
     g.add_argument("--smoke-test", action="store_true",
                    help="tiny preset, private 2-CPU local Ray, a few rows, CPU only")
     g.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    g.add_argument("--shared-fs", action="store_true",
+                   help="local paths are on a mount every node shares (NFS); checked with a "
+                        "probe file. Without it, a multi-node cluster refuses local paths")
     p.set_defaults(_default_config=default_config)
     return p
 
@@ -115,6 +118,11 @@ def parse_ckpt(values) -> str | dict[str, str]:
     return out
 
 
+def ckpt_uris(ckpt) -> list[str]:
+    """The checkpoint URIs of a parsed --ckpt (one, or one per stem)."""
+    return list(ckpt.values()) if isinstance(ckpt, dict) else [ckpt]
+
+
 def fetch_local(uri: str) -> str:
     """A local path for `uri` (remote files are copied to a temp file)."""
     if not storage.is_remote(uri):
@@ -134,15 +142,21 @@ def dry_run(cfg: Config, args, extra: dict | None = None) -> bool:
     return args.dry_run
 
 
-def init_ray(args, runtime_env: dict | None = None):
-    """Connect to --address / RAY_ADDRESS, or start a private local cluster.
+def init_ray(args, paths=(), runtime_env: dict | None = None):
+    """Connect to --address / RAY_ADDRESS, or start a private local cluster, then check that
+    the `paths` workers read or write are visible to every node (`check_paths`).
 
-    Does nothing if Ray is already initialised (a test fixture's cluster is reused).
+    Does not start a second cluster if Ray is already initialised (a test fixture's is reused).
     """
     import ray
 
-    if ray.is_initialized():
-        return ray
+    if not ray.is_initialized():
+        _start_ray(ray, args, runtime_env)
+    check_paths(ray, paths, getattr(args, "shared_fs", False))
+    return ray
+
+
+def _start_ray(ray, args, runtime_env):
     env_vars = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "MSDM_"))}
     renv = dict(runtime_env or {})
     if env_vars:
@@ -156,7 +170,48 @@ def init_ray(args, runtime_env: dict | None = None):
         ray.init(address="local", num_cpus=num_cpus, runtime_env=renv or None)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
-    return ray
+
+
+def check_paths(ray, uris, shared_fs: bool) -> None:
+    """On a cluster with nodes besides the driver's, a local path would scatter outputs over
+    the nodes' own disks (or read a different file on each): refuse it, unless --shared-fs says
+    it is a shared mount, which a probe file seen from every other node then confirms."""
+    local = [str(u) for u in uris if u and not storage.is_remote(str(u))]
+    here = ray.get_runtime_context().get_node_id()
+    others = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["NodeID"] != here]
+    if not local or not others:
+        return
+    if not shared_fs:
+        raise SystemExit(f"{', '.join(local)}: local path(s), but this Ray cluster has "
+                         f"{len(others)} node(s) besides the driver's, whose workers would read "
+                         "and write their own disks. Use s3://... URIs, or --shared-fs if the "
+                         "paths are on a mount every node shares (NFS)")
+    for uri in local:
+        _probe(ray, os.path.abspath(uri), others)
+
+
+def _probe(ray, path: str, nodes: list[str]) -> None:
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    folder = path
+    while not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    probe = os.path.join(folder, f"._msdm_shared_probe_{os.getpid()}_{time.time_ns()}")
+    with open(probe, "w") as f:
+        f.write("probe")
+
+    @ray.remote(num_cpus=0)
+    def sees(p):
+        return os.path.exists(p)
+
+    try:
+        seen = ray.get([sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            n, soft=False)).remote(probe) for n in nodes], timeout=120)
+    finally:
+        os.remove(probe)
+    if not all(seen):
+        raise SystemExit(f"--shared-fs: {folder} is not shared: a probe file written there is "
+                         f"missing on {seen.count(False)} other node(s). Use s3://... URIs")
 
 
 def write_json(uri: str, obj) -> None:

@@ -23,8 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from msdm.config import load_config
+
 from .common import log
 from .demo_report import build_report, write_mixtures
+
+PRESET = "tiny"  # the demo's model and data settings
 
 PAPER_SAMPLER = "sampler:\n  num_steps: 150\n  s_churn: 20.0\n  resamples: 2\n  solver: euler\n"
 
@@ -77,6 +81,7 @@ def main(argv=None) -> Path:
     args = p.parse_args(argv)
     out = Path(args.output).resolve()
     q = args.quick
+    rate = load_config(PRESET).data.sample_rate
     tracks, seconds, steps = (8, 9, 150) if q else (24, 16, 2000)
     trials, eval_chunks = (2, 96) if q else (8, 320)
     for sub in ("prepared", "runs", "sweeps", "eval", "separated", "report", "mixtures"):
@@ -90,10 +95,10 @@ def main(argv=None) -> Path:
     try:
         log("[2/7] prepare: Slakh tree -> Parquet stem chunks")
         cluster.run("prepare", "--input", str(out / "slakh"), "--output", str(out / "prepared"),
-                    "--config", "tiny")
+                    "--config", PRESET)
         log(f"[3/7] train the tiny preset for {steps} steps (Ray Train)")
         cluster.run("train", "--data", str(out / "prepared"), "--storage", str(out / "runs"),
-                    "--name", "demo", "--config", "tiny", "--max-steps", str(steps),
+                    "--name", "demo", "--config", PRESET, "--max-steps", str(steps),
                     "--set", f"train.checkpoint_every={max(50, steps // 4)}",
                     "--set", f"train.val_every={max(50, steps // 4)}",
                     "--set", f"train.log_every={max(10, steps // 20)}")
@@ -111,14 +116,14 @@ def main(argv=None) -> Path:
                     "--sampler-config", str(out / "eval" / "paper.yaml"),
                     "--sampler-config", str(out / "sweeps" / "demo" / "best.yaml"))
         log("[6/7] batch-separate test mixtures (Ray Data actor pool)")
-        write_mixtures(out / "prepared" / "test", out / "mixtures", count=3)
+        write_mixtures(out / "prepared" / "test", out / "mixtures", 3, rate)
         cluster.run("separate", "--ckpt", ckpt, "--input", str(out / "mixtures"), "--output",
                     str(out / "separated"), "--sampler-config",
                     str(out / "sweeps" / "demo" / "best.yaml"), "--batch-size", "16")
     finally:
         cluster.stop()
     log("[7/7] report")
-    report = build_report(out, minutes=(time.time() - t0) / 60)
+    report = build_report(out, (time.time() - t0) / 60, rate, PRESET)
     log(f"done in {(time.time() - t0) / 60:.1f} min: {report}")
     return report
 

@@ -25,7 +25,16 @@ from msdm.metrics import summarize
 from msdm.sampling import nfe
 
 from . import storage
-from .common import dry_run, init_ray, log, parse_ckpt, parser, resolve_config, write_json
+from .common import (
+    ckpt_uris,
+    dry_run,
+    init_ray,
+    log,
+    parse_ckpt,
+    parser,
+    resolve_config,
+    write_json,
+)
 from .models import load_model
 from .report import markdown_table, plot_stem_bars
 from .stages import SeparateChunks, read_chunks, score_track
@@ -89,7 +98,7 @@ def main(argv=None) -> dict:
         return {}
     storage.check_readable(storage.join(args.data, args.split))
     storage.check_writable(args.output)
-    ray = init_ray(args)
+    ray = init_ray(args, [args.data, args.output, *ckpt_uris(ckpt)])
     results, done = [], {}
     for name, cfg in configs:
         key = json.dumps({k: cfg.to_dict()[k] for k in ("sampler", "separation")}, sort_keys=True)

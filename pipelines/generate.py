@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 
 from . import storage
-from .common import dry_run, init_ray, log, parse_ckpt, parser, resolve_config
+from .common import ckpt_uris, dry_run, init_ray, log, parse_ckpt, parser, resolve_config
 from .generation import GenerateBatch, write_sample
 from .models import load_model, stable_seed
 
@@ -52,7 +52,7 @@ def main(argv=None) -> list[dict]:
     storage.check_writable(args.output)
     mode = f"imputation given {sorted(given)}" if given else "total generation"
     log(f"generate: {args.num} x {seconds:.1f} s, {mode} -> {args.output}")
-    ray = init_ray(args)
+    ray = init_ray(args, [args.output, *given.values(), *ckpt_uris(ckpt)])
     items = [{"index": i, "seed": stable_seed(args.seed, "generate", i)} for i in range(args.num)]
     ds = ray.data.from_items(items).map_batches(
         GenerateBatch, batch_size=args.batch_size, batch_format="numpy",

@@ -48,14 +48,12 @@ def main(argv=None) -> dict:
         sys.exit(f"no tracks found under {args.input}/{{{args.splits}}}/Track*")
     log(f"prepare: {len(found)} tracks from {args.input} -> {args.output} "
         f"({cfg.data.sample_rate} Hz, {cfg.data.chunk_samples}-sample chunks)")
-    ray = init_ray(args)
-    for old in storage.listdir(args.output):  # leftovers of a crashed run
-        if old.startswith("_staging-"):
-            storage.remove(storage.join(args.output, old))
+    ray = init_ray(args, [args.input, args.output])
+    _recover(args.output)  # leftovers of a crashed run
     staging = storage.join(args.output, f"_staging-{uuid.uuid4().hex[:8]}")
     units = tracks.make_units(found, max(1, args.tracks_per_task))
     ds = ray.data.from_items(units, override_num_blocks=len(units))
-    ds = ds.map(tracks.prepare_unit, fn_kwargs={"data": cfg.to_dict()["data"],
+    ds = ds.map(tracks.prepare_unit, fn_kwargs={"cfg": cfg.to_dict(),
                                                "class_map": args.class_map, "staging": staging})
     summaries = [json.loads(r["summary"]) for r in ds.take_all()]
     report = tracks.build_report(summaries, args.input, args.output, cfg.data)
@@ -68,15 +66,32 @@ def main(argv=None) -> dict:
 
 
 def _publish(output: str, staging: str, report: dict) -> None:
-    """Swap the staged shards in: old split folders are replaced, never merged."""
+    """Swap the staged shards in: an existing split is moved aside, not deleted, until every new
+    split is in place (old split folders are replaced, never merged)."""
     staged = set(storage.listdir(staging))
+    aside = storage.join(output, f"_previous-{uuid.uuid4().hex[:8]}")
     for split in SPLITS:
         target = storage.join(output, split)
-        storage.remove(target)
+        if storage.exists(target):
+            storage.move(target, storage.join(aside, split))
         if split in staged:
             storage.move(storage.join(staging, split), target)
-    storage.remove(staging)
     write_json(storage.join(output, "_report.json"), report)
+    storage.remove(aside)
+    storage.remove(staging)
+
+
+def _recover(output: str) -> None:
+    """Undo what a crash during publishing left: put aside splits back, drop staged shards."""
+    for old in storage.listdir(output):
+        path = storage.join(output, old)
+        if old.startswith("_previous-"):
+            for split in storage.listdir(path):
+                if not storage.exists(storage.join(output, split)):
+                    storage.move(storage.join(path, split), storage.join(output, split))
+            storage.remove(path)
+        elif old.startswith("_staging-"):
+            storage.remove(path)
 
 
 def _print_summary(report: dict) -> None:

@@ -30,7 +30,7 @@ from .catalog import (
     output_paths,
     read_manifest,
 )
-from .common import dry_run, init_ray, log, parse_ckpt, parser, resolve_config
+from .common import ckpt_uris, dry_run, init_ray, log, parse_ckpt, parser, resolve_config
 from .models import load_model
 from .segments import SeparateSegments, assemble_track, decode_segments
 
@@ -105,7 +105,7 @@ def main(argv=None) -> dict:
     writer.append(done_rows)
     log(f"separate: {len(items)} inputs, {len(items) - len(todo)} settled, {len(todo)} to do "
         f"-> {args.output} (NFE per segment {nfe(cfg.sampler)}, {args.actors} actor(s))")
-    ray = init_ray(args) if todo else None
+    ray = init_ray(args, [args.input, args.output, *ckpt_uris(ckpt)]) if todo else None
     t0, rows = time.time(), list(done_rows)
     for w in range(0, len(todo), args.wave_size):
         wave = _run_wave(ray, args, ckpt, cfg, subtype, todo[w : w + args.wave_size])

@@ -1,7 +1,10 @@
 """Storage URIs for the pipelines: local paths or s3://bucket/prefix through fsspec/s3fs.
 
 The S3 endpoint and credentials come from the standard AWS environment variables
-(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) or an instance profile. No Ray import here.
+(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) or an instance profile. Every S3 call has connect and
+read timeouts and a retry cap, so an endpoint that never answers fails in seconds; change them
+with MSDM_S3_CONNECT_TIMEOUT, MSDM_S3_READ_TIMEOUT (seconds) and MSDM_S3_MAX_ATTEMPTS (jobs
+forward MSDM_* and AWS_* variables to their Ray workers). No Ray import here.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ def get_fs(uri: str):
     """(filesystem, path) for a URI; local paths are made absolute."""
     uri = str(uri)
     if uri.startswith("s3://"):
-        kwargs = {}
+        kwargs: dict = {"config_kwargs": s3_timeouts()}
         endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
         if endpoint:
             kwargs["client_kwargs"] = {"endpoint_url": endpoint}
@@ -37,6 +40,21 @@ def get_fs(uri: str):
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
     return fsspec.filesystem("file"), os.path.abspath(uri)
+
+
+def s3_timeouts() -> dict:
+    """botocore settings: connect/read timeouts and a retry cap (defaults 10 s, 60 s, 3)."""
+    def number(name, default, kind=float):
+        raw = os.environ.get(name, "")
+        try:
+            return kind(raw) if raw else default
+        except ValueError:
+            raise StorageError(f"{name}={raw!r} is not a number") from None
+
+    return {"connect_timeout": number("MSDM_S3_CONNECT_TIMEOUT", 10.0),
+            "read_timeout": number("MSDM_S3_READ_TIMEOUT", 60.0),
+            "retries": {"max_attempts": number("MSDM_S3_MAX_ATTEMPTS", 3, int),
+                        "mode": "standard"}}
 
 
 def join(uri: str, *parts: str) -> str:

@@ -51,8 +51,8 @@ def find_tracks(root: str, splits=SPLITS) -> list[dict]:
             layout = "slakh"
         elif any(n.lower().endswith(AUDIO_EXTENSIONS) and "/" not in n for n in names):
             layout = "msdm"
-        else:
-            continue
+        else:  # reported, not skipped silently: stems without their metadata.yaml, ...
+            layout = "none"
         uri = storage.full_uri(fs, posixpath.join(base, split, track))
         tracks.append({"track_id": track, "split": split, "uri": uri, "layout": layout})
     return tracks
@@ -90,6 +90,9 @@ def _sum_class(files: list[str], name: str) -> tuple[np.ndarray, int]:
 def load_track(track: dict, data: Data, class_map: ClassMap) -> np.ndarray:
     """Decode, downmix, sum per class and resample one track to [S, T] at data.sample_rate."""
     uri, name = track["uri"], track["track_id"]
+    if track["layout"] == "none":
+        raise TrackError(f"{name}: no metadata.yaml (Slakh layout) and no stem audio files at "
+                         "the top of the folder (MSDM layout)")
     if track["layout"] == "slakh":
         try:
             meta = parse_metadata(storage.read_bytes(storage.join(uri, "metadata.yaml")).decode(),
@@ -172,12 +175,12 @@ class ShardWriter:
         self.rows = []
 
 
-def prepare_unit(unit: dict, data: dict, class_map: str, staging: str) -> dict:
+def prepare_unit(unit: dict, cfg: dict, class_map: str, staging: str) -> dict:
     """Ray Data `map` function: process the tracks of one work unit (all of one split) into
     shards under staging/{split}/ and return a JSON summary row. Bad tracks are reported."""
     from msdm.config import Config
 
-    cfg = Config.from_dict({"data": data}).data
+    cfg = Config.from_dict(cfg).data
     cmap = ClassMap.load(class_map or None)
     tracks = json.loads(unit["tracks"])
     split = tracks[0]["split"]

@@ -126,7 +126,7 @@ def main(argv=None) -> dict:
         f"{args.num_workers} worker(s), {'GPU' if args.gpu else 'CPU'}")
     write_json(storage.join(run_uri, "config.json"), cfg.to_dict())
 
-    ray = init_ray(args)
+    ray = init_ray(args, [args.data, args.storage, args.warm_start])
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 

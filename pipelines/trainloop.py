@@ -83,7 +83,7 @@ def train_loop_per_worker(config: dict) -> None:
             x = batch["x"].to(device, non_blocking=True)
             if cfg.data.random_shift:
                 x = random_shift(x, gen)
-            loss = train_step(model, x, opt, cfg, gen, ema)
+            loss = train_step(model, x, opt, cfg, gen, ema, step)
             step += 1
             samples += x.shape[0] * world
             done = step >= cfg.train.max_steps

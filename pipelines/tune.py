@@ -21,7 +21,16 @@ import yaml
 from msdm.config import ConfigError, config_keys
 
 from . import storage
-from .common import dry_run, init_ray, log, parse_ckpt, parser, resolve_config, write_json
+from .common import (
+    ckpt_uris,
+    dry_run,
+    init_ray,
+    log,
+    parse_ckpt,
+    parser,
+    resolve_config,
+    write_json,
+)
 from .models import load_model
 from .report import plot_nfe
 from .stages import read_chunks
@@ -92,7 +101,7 @@ def main(argv=None) -> dict:
         return {}
     val = read_chunks(storage.join(args.data, args.split), cfg.data.stems, args.max_chunks)
     sweep_uri = storage.join(args.storage, args.name)
-    ray = init_ray(args)
+    ray = init_ray(args, [args.storage, *ckpt_uris(ckpt)])
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.hyperopt import HyperOptSearch

@@ -3,6 +3,7 @@ augmentation, each against its closed form."""
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -79,3 +80,19 @@ def test_random_shift_keeps_the_stems_of_an_example_aligned():
     assert len(set(shifts)) > 1  # examples get different shifts
     for b, k in enumerate(shifts):
         assert torch.allclose(y[b], torch.roll(x[b], k, dims=-1))  # a circular roll per example
+
+
+def test_learning_rate_schedule_and_ema_warmup():
+    from msdm.config import load_config
+    from msdm.training import ema_decay_at, lr_at
+
+    t = load_config("tiny", ["train.lr=1e-3", "train.warmup_steps=10", "train.max_steps=110",
+                             "train.lr_schedule=cosine", "train.lr_min_ratio=0.1"]).train
+    assert lr_at(0, t) == pytest.approx(1e-4) and lr_at(9, t) == pytest.approx(1e-3)
+    assert lr_at(60, t) == pytest.approx(0.55e-3)  # half way down the cosine
+    assert lr_at(110, t) == pytest.approx(1e-4) and lr_at(500, t) == pytest.approx(1e-4)
+    const = load_config("tiny", ["train.lr=1e-3"]).train
+    assert {lr_at(s, const) for s in (0, 10, 10_000)} == {1e-3}
+    warm = load_config("tiny", ["train.ema_warmup=true", "train.ema_decay=0.999"]).train
+    assert ema_decay_at(0, warm) == pytest.approx(0.1) and ema_decay_at(10**6, warm) == 0.999
+    assert ema_decay_at(0, const) == const.ema_decay

@@ -96,11 +96,11 @@ def test_model_rate_output_sums_exactly(ray_local, tmp_path, tiny_unet_ckpt):
     src.mkdir()
     sf.write(src / "s.flac", _song(2.0, sr=48000), 48000, subtype="PCM_24")
     res = separate.main(["--ckpt", str(tiny_unet_ckpt), "--input", str(src / "*.flac"), "--output",
-                         str(tmp_path / "o"), "--sample-rate", "22050", "--format", "flac",
-                         "--subtype", "PCM_24"])
+                         str(tmp_path / "o"), "--sample-rate", "22050"])
     row = res["manifest"][str(src / "s.flac")]
     assert read_audio(row["outputs"]["bass"])[1] == 22050 and len(row["outputs"]) == 4
-    # Dirac: exact sum at the model rate, up to 24-bit quantisation of four stems
+    # Dirac: the float stems sum exactly to the model-rate mixture (an untrained network's
+    # stems exceed full scale, so PCM formats would clip them)
     assert _residual_db(row, src / "s.flac", 22050) < -100
 
 
@@ -112,17 +112,27 @@ def test_s3_in_and_out(ray_local, s3_bucket, tmp_path, tiny_unet_ckpt):
     src = _inputs(tmp_path / "in", 1)
     fs.put(str(src / "song0.wav"), f"{s3_bucket}/in/a/song0.wav")
     fs.put(str(tiny_unet_ckpt), f"{s3_bucket}/ckpt/model.ckpt")
+    import boto3
+
+    boto3.client("s3").put_object(Bucket=s3_bucket, Key="in/../../../x/pwn.wav",  # #19.2
+                                  Body=(src / "song0.wav").read_bytes())
     res = separate.main(["--ckpt", f"s3://{s3_bucket}/ckpt/model.ckpt", "--input",
                          f"s3://{s3_bucket}/in", "--output", f"s3://{s3_bucket}/out",
                          "--format", "flac", "--filename", "{key}/{stem}.{ext}"])
-    assert res["counts"]["ok"] == 1
-    names = sorted(p.rsplit("/", 1)[-1] for p in fs.find(f"{s3_bucket}/out"))
-    assert names == ["_manifest.jsonl", "bass.flac", "drums.flac", "guitar.flac", "piano.flac"]
+    assert res["counts"] == {"ok": 1, "failed": 1, "skipped": 0}
+    hostile = [r for r in res["manifest"].values() if r["status"] == "failed"][0]
+    assert "leaves the output folder" in hostile["error"]
+    fs.invalidate_cache()
+    keys = [k for k in fs.find(s3_bucket) if "/_manifest.parts/" not in k]
+    assert sorted(k.rsplit("/", 1)[-1] for k in keys if k.startswith(f"{s3_bucket}/out/")) == [
+        "_manifest.jsonl", "bass.flac", "drums.flac", "guitar.flac", "piano.flac"]
+    assert not [k for k in keys if not k.startswith((f"{s3_bucket}/out/", f"{s3_bucket}/in/",
+                                                     f"{s3_bucket}/ckpt/"))]  # nothing escaped
     assert fs.exists(f"{s3_bucket}/out/a/song0/bass.flac")
     res2 = separate.main(["--ckpt", f"s3://{s3_bucket}/ckpt/model.ckpt", "--input",
                           f"s3://{s3_bucket}/in", "--output", f"s3://{s3_bucket}/out",
                           "--format", "flac", "--filename", "{key}/{stem}.{ext}"])
-    assert res2["counts"] == {"ok": 0, "failed": 0, "skipped": 1}
+    assert res2["counts"] == {"ok": 0, "failed": 1, "skipped": 1}
 
 
 @pytest.mark.slow

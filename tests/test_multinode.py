@@ -1,0 +1,92 @@
+"""A two-node local cluster (a CPU-less head plus a worker node, `ray start` twice): local paths
+are refused up front with a clear message and nothing is deleted; --shared-fs is verified with a
+probe file seen from the other node; train refuses local storage before its first step (#17)."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _start(args, env):
+    return subprocess.Popen([f"{os.path.dirname(sys.executable)}/ray", "start", "--block",
+                             "--disable-usage-stats", *args], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _stop(proc):
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    port = free_port()
+    temp = tempfile.mkdtemp(prefix="ray2n-", dir="/tmp")
+    head = _start(["--head", "--num-cpus=0", f"--port={port}", f"--temp-dir={temp}",
+                   "--include-dashboard=false"], env)
+    time.sleep(5)
+    worker = _start([f"--address=127.0.0.1:{port}", "--num-cpus=2"], env)
+    code = ("import ray, time; ray.init(address='127.0.0.1:%d'); t = time.time()\n"
+            "while len([n for n in ray.nodes() if n['Alive']]) < 2 and time.time() - t < 90:\n"
+            "    time.sleep(1)\n"
+            "print(len([n for n in ray.nodes() if n['Alive']]))" % port)
+    try:
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, timeout=150)
+        assert out.stdout.strip().endswith("2"), out.stdout + out.stderr
+        yield f"127.0.0.1:{port}", env
+    finally:
+        _stop(worker)
+        _stop(head)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _job(name, args, env):
+    return subprocess.run([sys.executable, "-m", f"pipelines.{name}", *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_local_paths_on_a_two_node_cluster(two_nodes, tmp_path):
+    from pipelines.songs import generate_dataset
+
+    address, env = two_nodes
+    generate_dataset(tmp_path / "slakh", 3, 1.0, seed=2)
+    out = tmp_path / "prepared"
+    (out / "train").mkdir(parents=True)
+    (out / "train" / "old.parquet").write_bytes(b"previous shards")
+    args = ["--input", str(tmp_path / "slakh"), "--output", str(out), "--config", "tiny",
+            "--address", address]
+    refused = _job("prepare", args, env)
+    assert refused.returncode != 0
+    assert "local path(s), but this Ray cluster has 1 node(s) besides the driver's" in \
+        refused.stderr + refused.stdout
+    assert "--shared-fs" in refused.stderr + refused.stdout
+    assert (out / "train" / "old.parquet").read_bytes() == b"previous shards"  # nothing deleted
+
+    shared = _job("prepare", args + ["--shared-fs"], env)
+    assert shared.returncode == 0, shared.stdout[-3000:] + shared.stderr[-3000:]
+    assert not (out / "train" / "old.parquet").exists() and list((out / "train").glob("*.parquet"))
+    assert not list(out.glob("._msdm_shared_probe_*"))
+
+    t0 = time.time()
+    train = _job("train", ["--data", str(out), "--storage", str(tmp_path / "runs"), "--name", "r",
+                           "--config", "tiny", "--address", address], env)
+    assert train.returncode != 0 and "local path(s)" in train.stderr + train.stdout
+    assert not list((tmp_path / "runs").glob("r/checkpoint_*"))  # refused before the first step
+    print(f"train refused local storage after {time.time() - t0:.1f} s")
