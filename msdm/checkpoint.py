@@ -15,11 +15,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import released
 from .config import Config, ConfigError
 from .diffusion import Denoiser, FactorizedDenoiser, GaussianDenoiser
 from .model import build_network
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: model.attention_bias and model.patch_groups (release parity)
+# format 1 networks had biased attention/feed-forward outputs and resnet_groups patch norms
+_V1_MODEL = {"attention_bias": True, "patch_groups": "resnet_groups"}
 ISDM_S_CHURN = 40.0  # paper: ISDM Dirac separation uses S_churn 40 (MSDM: 20)
 log = logging.getLogger(__name__)
 
@@ -61,23 +64,34 @@ def _unwrap(m: nn.Module) -> nn.Module:
     return getattr(m, "module", m)  # DDP
 
 
-def load_state(source, map_location="cpu") -> dict:
-    """Read and validate a checkpoint dict; a corrupt or foreign file raises CheckpointError."""
+def load_state(source, map_location="cpu", stem: str = "") -> dict:
+    """Read and validate a checkpoint dict; a corrupt or foreign file raises CheckpointError.
+
+    A released MSDM checkpoint (PyTorch Lightning) is converted on the fly (`msdm.released`);
+    `stem` names the stem of a single-stem (weakly MSDM) one.
+    """
     name = str(source) if isinstance(source, (str, Path)) else "checkpoint stream"
     if isinstance(source, (str, Path)) and not Path(source).exists():
         raise CheckpointError(f"{name}: no such checkpoint file")
     if isinstance(source, bytes):
         source = io.BytesIO(source)
     try:
-        state = torch.load(source, map_location=map_location, weights_only=True)
+        state = released.safe_load(source, map_location)
     except Exception as e:  # zip/pickle errors differ by torch version; all mean "not ours"
         raise CheckpointError(f"{name} is not a readable msdm checkpoint "
                               f"({type(e).__name__}: {str(e)[:200]})") from e
+    if released.is_lightning(state):
+        try:
+            state = released.convert(state, stem)
+        except ValueError as e:
+            raise CheckpointError(f"{name}: {e}") from e
     if not isinstance(state, dict) or "format_version" not in state or "config" not in state:
         raise CheckpointError(f"{name} is not an msdm checkpoint (missing format_version/config)")
     if state["format_version"] > FORMAT_VERSION:
         raise CheckpointError(f"{name} has format_version {state['format_version']}; this msdm "
                               f"reads up to {FORMAT_VERSION}: upgrade msdm")
+    if state["format_version"] < 2 and isinstance(state["config"].get("model"), dict):
+        state["config"]["model"] = {**_V1_MODEL, **state["config"]["model"]}
     try:
         state["config"] = Config.from_dict(state["config"])
     except ConfigError as e:
@@ -85,9 +99,12 @@ def load_state(source, map_location="cpu") -> dict:
     return state
 
 
-def load_checkpoint(source, use_ema: bool = True, map_location="cpu"):
-    """Load a checkpoint as (cfg, denoiser) in eval mode, EMA weights by default."""
-    state = load_state(source, map_location)
+def load_checkpoint(source, use_ema: bool = True, map_location="cpu", stem: str = ""):
+    """Load a checkpoint as (cfg, denoiser) in eval mode, EMA weights by default.
+
+    `stem`: the stem of a released single-stem (weakly MSDM) checkpoint; ignored otherwise.
+    """
+    state = load_state(source, map_location, stem)
     cfg: Config = state["config"]
     denoiser = build_denoiser(cfg)
     weights = state["ema"] if use_ema and state.get("ema") is not None else state["model"]
@@ -107,7 +124,7 @@ def load_factorized(sources: dict[str, object], stems=None, map_location="cpu"):
     """
     loaded = {}
     for stem, src in sources.items():
-        cfg, den = load_checkpoint(src, map_location=map_location)
+        cfg, den = load_checkpoint(src, map_location=map_location, stem=stem)
         if cfg.train.stem != stem:
             got = cfg.train.stem or "a joint model of " + ",".join(cfg.data.stems)
             raise CheckpointError(f"checkpoint given for stem {stem!r} is a prior of {got}")

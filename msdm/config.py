@@ -54,6 +54,10 @@ class Model:
     use_skip_scale: bool = True  # skips scaled by 2**-0.5
     use_attention_bottleneck: bool = True
     bottleneck_residual: bool = False  # v0.0.43 quirk: bottleneck attention replaces x
+    attention_bias: bool = False  # bias on attention-out and feed-forward-out Linears (release: none)
+    # GroupNorm groups of the patch blocks: "patch_factor" = min(patch_factor, stems), as released
+    # (ADP 0.0.43 PatchBlock); "resnet_groups" = like every other block (msdm format_version 1)
+    patch_groups: Literal["patch_factor", "resnet_groups"] = "patch_factor"
 
 
 @dataclass(frozen=True)
@@ -243,6 +247,8 @@ PRESETS: dict[str, dict] = {
             "attention_heads": 2,
             "attention_features": 8,
             "resnet_groups": 4,
+            "attention_bias": True,  # format-1 layout, as before the release parity fix
+            "patch_groups": "resnet_groups",
         },
         "train": {
             "batch_size": 4,
@@ -272,6 +278,8 @@ PRESETS: dict[str, dict] = {
             "attention_heads": 4,
             "attention_features": 16,
             "resnet_groups": 8,
+            "attention_bias": True,  # format-1 layout: docs/quality was measured with it
+            "patch_groups": "resnet_groups",
         },
         "train": {
             "batch_size": 8,

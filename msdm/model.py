@@ -61,14 +61,15 @@ class ResnetBlock(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention over time: LN -> q, kv -> softmax -> Linear -> LN. No positions."""
 
-    def __init__(self, channels: int, heads: int, head_features: int):
+    def __init__(self, channels: int, heads: int, head_features: int, bias: bool = False):
         super().__init__()
         mid = heads * head_features
         self.heads = heads
         self.norm = nn.LayerNorm(channels, bias=False)
         self.to_q = nn.Linear(channels, mid, bias=False)
         self.to_kv = nn.Linear(channels, 2 * mid, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(mid, channels), nn.LayerNorm(channels, bias=False))
+        self.to_out = nn.Sequential(nn.Linear(mid, channels, bias=bias),
+                                    nn.LayerNorm(channels, bias=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, N, C]
         h = self.norm(x)
@@ -82,16 +83,17 @@ class Attention(nn.Module):
 class TransformerBlock(nn.Module):
     """x + Attn(x); x + FF(x), FF = LN -> Linear(C, mC) -> GELU -> LN -> Linear(mC, C)."""
 
-    def __init__(self, channels: int, heads: int, head_features: int, multiplier: int):
+    def __init__(self, channels: int, heads: int, head_features: int, multiplier: int,
+                 bias: bool = False):
         super().__init__()
         mid = channels * multiplier
-        self.attention = Attention(channels, heads, head_features)
+        self.attention = Attention(channels, heads, head_features, bias)
         self.ff = nn.Sequential(
             nn.LayerNorm(channels, bias=False),
             nn.Linear(channels, mid, bias=False),
             nn.GELU(),
             nn.LayerNorm(mid, bias=False),
-            nn.Linear(mid, channels),
+            nn.Linear(mid, channels, bias=bias),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, C, N]
@@ -111,7 +113,7 @@ class DownLevel(nn.Module):
         )
         self.attn = (
             TransformerBlock(c_out, cfg.attention_heads, cfg.attention_features,
-                             cfg.attention_multiplier) if attention else None
+                             cfg.attention_multiplier, cfg.attention_bias) if attention else None
         )
 
     def forward(self, x, mapping, skips: list):
@@ -134,7 +136,7 @@ class UpLevel(nn.Module):
         )
         self.attn = (
             TransformerBlock(c_in, cfg.attention_heads, cfg.attention_features,
-                             cfg.attention_multiplier) if attention else None
+                             cfg.attention_multiplier, cfg.attention_bias) if attention else None
         )
         self.up = nn.ConvTranspose1d(c_in, c_out, 2 * factor, stride=factor,
                                      padding=factor // 2 + factor % 2, output_padding=factor % 2)
@@ -153,7 +155,7 @@ class Bottleneck(nn.Module):
         super().__init__()
         self.pre = ResnetBlock(channels, channels, cfg.resnet_groups, features)
         self.attn = (
-            Attention(channels, cfg.attention_heads, cfg.attention_features)
+            Attention(channels, cfg.attention_heads, cfg.attention_features, cfg.attention_bias)
             if cfg.use_attention_bottleneck else None
         )
         self.residual = cfg.bottleneck_residual
@@ -187,7 +189,11 @@ class UNet1d(nn.Module):
         self.patch_factor = p
         self.multiple = p * math.prod(cfg.factors)
         self.embed = NoiseEmbedding(c, features)
-        self.patch_in = ResnetBlock(in_channels, c // p, cfg.resnet_groups, features)
+        # the released patch blocks norm with min(patch_factor, stems) groups (ADP PatchBlock)
+        patch_groups = cfg.resnet_groups
+        if cfg.patch_groups == "patch_factor":
+            patch_groups = min(p, in_channels)
+        self.patch_in = ResnetBlock(in_channels, c // p, patch_groups, features)
         chans = [c * m for m in cfg.multipliers]
         self.downs = nn.ModuleList(
             DownLevel(chans[i], chans[i + 1], cfg.factors[i], cfg.num_blocks[i],
@@ -198,7 +204,7 @@ class UNet1d(nn.Module):
             UpLevel(chans[i + 1], chans[i], cfg.factors[i], cfg.num_blocks[i],
                     cfg.attentions[i], cfg, features) for i in reversed(range(n))
         )
-        self.patch_out = ResnetBlock(c // p, in_channels, cfg.resnet_groups, features)
+        self.patch_out = ResnetBlock(c // p, in_channels, patch_groups, features)
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
         if x.ndim != 3 or x.shape[1] != self.in_channels:
