@@ -54,7 +54,7 @@ class Model:
     use_skip_scale: bool = True  # skips scaled by 2**-0.5
     use_attention_bottleneck: bool = True
     bottleneck_residual: bool = False  # v0.0.43 quirk: bottleneck attention replaces x
-    attention_bias: bool = False  # bias on attention-out and feed-forward-out Linears (release: none)
+    attention_bias: bool = False  # bias on attention-out and feed-forward-out Linears (release: no)
     # GroupNorm groups of the patch blocks: "patch_factor" = min(patch_factor, stems), as released
     # (ADP 0.0.43 PatchBlock); "resnet_groups" = like every other block (msdm format_version 1)
     patch_groups: Literal["patch_factor", "resnet_groups"] = "patch_factor"

@@ -4,8 +4,8 @@ files of an audio-diffusion-pytorch (ADP) 0.0.43 `AudioDiffusionModel`.
 Read without Lightning or ADP and without running code from the file: torch's weights-only
 unpickler rebuilds tensors and plain containers, Lightning's `AttributeDict` and ADP's
 `LogNormalDistribution` as inert stand-ins, and any other object as an inert `Foreign` record.
-Calling anything but numpy's array rebuilders is refused, and a `Foreign` inside `state_dict` or
-`hyper_parameters` is refused; elsewhere (e.g. Lightning's datamodule hyper-parameters) it is dropped.
+Calling anything but numpy's array rebuilders is refused, and so is a `Foreign` inside
+`state_dict` or `hyper_parameters`; elsewhere (e.g. Lightning's datamodule hparams) it is dropped.
 """
 
 from __future__ import annotations
