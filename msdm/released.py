@@ -24,8 +24,12 @@ FORMAT_VERSION = 2  # msdm.checkpoint format_version whose layout `convert` writ
 log = logging.getLogger(__name__)
 
 
-class AttributeDict(dict):
-    """Stand-in for Lightning's AttributeDict (a dict with attribute access): kept as a dict."""
+class AttributeDict:
+    """Stand-in for Lightning's AttributeDict (a dict subclass): unpickled as a plain dict,
+    since torch's weights-only unpickler fills plain dicts only."""
+
+    def __new__(cls, *args):
+        return {}
 
 
 class LogNormalDistribution:
