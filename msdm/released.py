@@ -76,7 +76,13 @@ def safe_load(source, map_location="cpu"):
         source.seek(0)
     allowed = [(_STAND_INS.get(n) or type(n, (Foreign,), {"name": n}), n) for n in names]
     with torch.serialization.safe_globals(allowed):
-        return torch.load(source, map_location=map_location, weights_only=True)
+        try:
+            return torch.load(source, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:  # keep the reason, drop torch's advice to unpickle
+            boilerplate = ("Weights only", "Please file", "Check the documentation")
+            reason = [ln for ln in str(e).splitlines() if ln.strip()
+                      and not ln.startswith(boilerplate)] or [str(e)]
+            raise pickle.UnpicklingError(f"refused: {reason[0].strip()}") from None
 
 
 def is_lightning(state) -> bool:

@@ -232,9 +232,9 @@ def test_code_executing_pickle_is_refused_and_never_runs(tmp_path, monkeypatch, 
     else:  # a release-shaped file with the payload inside
         hp = {**REDUCED, "learning_rate": run} if where == "hyper_parameters" else REDUCED
         write_released(path, monkeypatch, {}, hp, **({"loops": run} if where == "loops" else {}))
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match="refused"):
         load_checkpoint(path)
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match="refused"):
         load_model(parse_ckpt([str(path)]))
     with pytest.raises(CheckpointError):
         load_factorized({"bass": path})
@@ -269,6 +269,10 @@ def test_lightning_file_loads_without_lightning_or_adp_and_drops_foreign_objects
     with torch.no_grad():
         want = model.diffusion.denoise_fn(x, sigma=0.3)
     assert _max_rel(torch.load(tmp_path / "out.pt"), want) < 1e-5
+    inside = tmp_path / "foreign-in-hparams.ckpt"  # where the architecture is read: refused
+    write_released(inside, monkeypatch, model.unet.state_dict(), {**REDUCED, "stems": dataset})
+    with pytest.raises(CheckpointError, match="main.data.MultiSourceDataset"):
+        load_checkpoint(inside)
 
 
 def test_format_1_checkpoint_keeps_its_network(tmp_path):
