@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from msdm.checkpoint import CheckpointError, build_denoiser, load_checkpoint, load_factorized, save
+from msdm.checkpoint import CheckpointError, build_denoiser, load_checkpoint, save
 from msdm.config import STEMS, Config, apply_overrides, get_preset
 from msdm.model import build_network, count_parameters
 
@@ -154,6 +154,7 @@ def test_released_checkpoint_gives_the_official_denoiser(released, capsys):
 
 @torch.no_grad()
 def test_weakly_msdm_release_loads_one_checkpoint_per_stem(tmp_path, monkeypatch):
+    from pipelines import convert
     from pipelines.stages import load_model, parse_ckpt
 
     hp = {**REDUCED, "in_channels": 1, "learning_rate": 1e-5}
@@ -169,20 +170,13 @@ def test_weakly_msdm_release_loads_one_checkpoint_per_stem(tmp_path, monkeypatch
     want = torch.cat([models[s].diffusion.denoise_fn(x[:, i : i + 1], sigma=0.3)
                       for i, s in enumerate(STEMS)], dim=1)
     assert _max_rel(den(x, 0.3), want) < 1e-5
-    _, bass = load_checkpoint(paths["bass"], stem="bass")
-    assert bass.net.in_channels == 1
     with pytest.raises(CheckpointError, match="needs its stem"):
         load_checkpoint(paths["bass"])
-    with pytest.raises(CheckpointError, match="prior of drums"):
-        load_factorized({**paths, "bass": _converted(tmp_path, paths["drums"], "drums")})
-
-
-def _converted(tmp_path, src, stem=""):
-    from pipelines import convert
-
-    out = tmp_path / f"converted-{stem or 'joint'}.ckpt"
-    convert.main(["--input", str(src), "--output", str(out), "--stem", stem])
-    return out
+    out = tmp_path / "drums-converted.ckpt"
+    convert.main(["--input", str(paths["drums"]), "--output", str(out), "--stem", "drums"])
+    cfg, drums = load_checkpoint(out)
+    assert cfg.train.stem == "drums" and cfg.train.lr == 1e-5 and drums.net.in_channels == 1
+    assert _max_rel(drums(x[:, 1:2], 0.3), want[:, 1:2]) < 1e-5
 
 
 @torch.no_grad()
@@ -220,7 +214,7 @@ class _System:
 
 @pytest.mark.parametrize("where", ["bare_exec", "bare_system", "hyper_parameters", "loops"])
 def test_code_executing_pickle_is_refused_and_never_runs(tmp_path, monkeypatch, where):
-    from pipelines.stages import load_model, parse_ckpt
+    from pipelines import separate
 
     marker = tmp_path / "pwned"
     run = _Exec(f"open({str(marker)!r}, 'w').close()")
@@ -234,10 +228,10 @@ def test_code_executing_pickle_is_refused_and_never_runs(tmp_path, monkeypatch, 
         write_released(path, monkeypatch, {}, hp, **({"loops": run} if where == "loops" else {}))
     with pytest.raises(CheckpointError, match="refused"):
         load_checkpoint(path)
-    with pytest.raises(CheckpointError, match="refused"):
-        load_model(parse_ckpt([str(path)]))
-    with pytest.raises(CheckpointError):
-        load_factorized({"bass": path})
+    for ckpt in (str(path), f"bass={path}"):  # a joint model, or one stem of an ISDM
+        with pytest.raises(CheckpointError, match="refused"):
+            separate.main(["--ckpt", ckpt, "--input", str(tmp_path), "--output",
+                           str(tmp_path / "out")])
     assert not marker.exists()
 
 
