@@ -2,7 +2,8 @@
 
 Files load with `torch.load(weights_only=True)`: no pickled classes, so renaming code never breaks
 them. `format_version` is bumped when the layout changes. Paths or binary file objects are accepted
-(pipelines open `s3://` URIs and hand the file object over).
+(pipelines open `s3://` URIs and hand the file object over). Released MSDM checkpoints (PyTorch
+Lightning files) are read and converted by `msdm.released`.
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ def load_state(source, map_location="cpu", stem: str = "") -> dict:
     if state["format_version"] > FORMAT_VERSION:
         raise CheckpointError(f"{name} has format_version {state['format_version']}; this msdm "
                               f"reads up to {FORMAT_VERSION}: upgrade msdm")
-    if state["format_version"] < 2 and isinstance(state["config"].get("model"), dict):
+    cfg_dict = state["config"]
+    if state["format_version"] < 2 and isinstance(cfg_dict, dict) and "model" in cfg_dict:
         state["config"]["model"] = {**_V1_MODEL, **state["config"]["model"]}
     try:
         state["config"] = Config.from_dict(state["config"])
