@@ -2,7 +2,8 @@
 
 Files load with `torch.load(weights_only=True)`: no pickled classes, so renaming code never breaks
 them. `format_version` is bumped when the layout changes. Paths or binary file objects are accepted
-(pipelines open `s3://` URIs and hand the file object over).
+(pipelines open `s3://` URIs and hand the file object over). Released MSDM checkpoints (PyTorch
+Lightning files) are read and converted by `msdm.released`.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import released
 from .config import Config, ConfigError, get_preset
 from .diffusion import Denoiser, FactorizedDenoiser
 from .model import build_network, count_parameters
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: model.attention_bias and model.patch_groups (release parity)
+# format 1 networks had biased attention/feed-forward outputs and resnet_groups patch norms
+_V1_MODEL = {"attention_bias": True, "patch_groups": "resnet_groups"}
 ISDM_S_CHURN = 40.0  # paper: ISDM Dirac separation uses S_churn 40 (MSDM: 20)
 MAX_PARAMETERS_FACTOR = 4  # refuse networks larger than 4x the paper preset before allocating
 log = logging.getLogger(__name__)
@@ -72,9 +76,13 @@ def _unwrap(m: nn.Module) -> nn.Module:
     return getattr(m, "module", m)  # DDP
 
 
-def load_state(source, map_location="cpu", name: str | None = None) -> dict:
+def load_state(source, map_location="cpu", name: str | None = None, stem: str = "") -> dict:
     """Read and validate a checkpoint dict; a corrupt, foreign or malformed file raises
-    CheckpointError naming it. Nothing in the file is executed (weights_only unpickling)."""
+    CheckpointError naming it. Nothing in the file is executed (a restricted unpickler).
+
+    A released MSDM checkpoint (PyTorch Lightning) is converted on the fly (`msdm.released`);
+    `stem` names the stem of a single-stem (weakly MSDM) one.
+    """
     name = name or (str(source) if isinstance(source, (str, Path)) else "checkpoint stream")
     if isinstance(source, (str, Path)):
         if Path(source).is_dir():
@@ -84,10 +92,15 @@ def load_state(source, map_location="cpu", name: str | None = None) -> dict:
     if isinstance(source, bytes):
         source = io.BytesIO(source)
     try:
-        state = torch.load(source, map_location=map_location, weights_only=True)
+        state = released.safe_load(source, map_location)
     except Exception as e:  # zip/pickle errors differ by torch version; all mean "not ours"
         raise CheckpointError(f"{name} is not a readable msdm checkpoint "
                               f"({type(e).__name__}: {str(e)[:200]})") from e
+    if released.is_lightning(state):
+        try:
+            state = released.convert(state, stem)
+        except ValueError as e:
+            raise CheckpointError(f"{name}: {e}") from e
     if not isinstance(state, dict) or "format_version" not in state or "config" not in state:
         raise CheckpointError(f"{name} is not an msdm checkpoint (missing format_version/config)")
     version = state["format_version"]
@@ -100,6 +113,12 @@ def load_state(source, map_location="cpu", name: str | None = None) -> dict:
         if not isinstance(state.get(key), dict) and not (key == "ema" and state.get(key) is None):
             raise CheckpointError(f"{name}: '{key}' must be a dict of tensors, "
                                   f"got {type(state.get(key)).__name__}")
+    cfg_dict = state["config"]
+    if version < 2 and isinstance(cfg_dict, dict):  # format 1: the layout before release parity
+        if isinstance(cfg_dict.get("model"), dict):
+            cfg_dict["model"] = {**_V1_MODEL, **cfg_dict["model"]}
+        if isinstance(cfg_dict.get("train"), dict):
+            cfg_dict["train"].pop("fault_step", None)  # a removed test hook
     try:
         state["config"] = Config.from_dict(state["config"])
     except ConfigError as e:
@@ -119,10 +138,14 @@ def check_size(cfg: Config, name: str = "checkpoint") -> int:
     return count
 
 
-def load_checkpoint(source, use_ema: bool = True, map_location="cpu", name: str | None = None):
-    """Load a checkpoint as (cfg, denoiser) in eval mode, EMA weights by default."""
+def load_checkpoint(source, use_ema: bool = True, map_location="cpu", name: str | None = None,
+                    stem: str = ""):
+    """Load a checkpoint as (cfg, denoiser) in eval mode, EMA weights by default.
+
+    `stem`: the stem of a released single-stem (weakly MSDM) checkpoint; ignored otherwise.
+    """
     name = name or (str(source) if isinstance(source, (str, Path)) else "checkpoint stream")
-    state = load_state(source, map_location, name)
+    state = load_state(source, map_location, name, stem)
     cfg: Config = state["config"]
     check_size(cfg, name)
     denoiser = build_denoiser(cfg)
@@ -145,7 +168,7 @@ def load_factorized(sources: dict[str, object], stems=None, map_location="cpu",
     loaded = {}
     for stem, src in sources.items():
         cfg, den = load_checkpoint(src, map_location=map_location,
-                                   name=(names or {}).get(stem))
+                                   name=(names or {}).get(stem), stem=stem)
         if cfg.train.stem != stem:
             got = cfg.train.stem or "a joint model of " + ",".join(cfg.data.stems)
             raise CheckpointError(f"checkpoint given for stem {stem!r} is a prior of {got}")

@@ -47,8 +47,11 @@ def sdr(estimate: torch.Tensor, reference: torch.Tensor, eps: float = EPS) -> to
 
 
 def window_starts(num_samples: int, window: int, hop: int) -> list[int]:
-    """Start offsets: count = ceil((T - hop) / hop), the last window may be shorter."""
-    count = max(1, math.ceil((num_samples - hop) / hop))
+    """Start offsets as the MSDM evaluation code: count = ceil((T - (window - hop)) / hop).
+
+    The last window may be shorter; a track no longer than window - hop gets no window.
+    """
+    count = max(0, math.ceil((num_samples - (window - hop)) / hop))
     return [i * hop for i in range(count)]
 
 

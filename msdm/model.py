@@ -35,6 +35,10 @@ class ModelConfig:
     use_skip_scale: bool = True  # skips scaled by 2**-0.5
     use_attention_bottleneck: bool = True
     bottleneck_residual: bool = False  # v0.0.43 quirk: bottleneck attention replaces x
+    attention_bias: bool = False  # bias on attention-out and feed-forward-out Linears (release: no)
+    # GroupNorm groups of the patch blocks: "patch_factor" = min(patch_factor, stems), as released
+    # (ADP 0.0.43 PatchBlock); "resnet_groups" = like every other block (msdm format_version 1)
+    patch_groups: Literal["patch_factor", "resnet_groups"] = "patch_factor"
 
     def __post_init__(self):
         n = len(self.factors)
@@ -101,14 +105,15 @@ class ResnetBlock(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention over time: LN -> q, kv -> softmax -> Linear -> LN. No positions."""
 
-    def __init__(self, channels: int, heads: int, head_features: int):
+    def __init__(self, channels: int, heads: int, head_features: int, bias: bool = False):
         super().__init__()
         mid = heads * head_features
         self.heads = heads
         self.norm = nn.LayerNorm(channels, bias=False)
         self.to_q = nn.Linear(channels, mid, bias=False)
         self.to_kv = nn.Linear(channels, 2 * mid, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(mid, channels), nn.LayerNorm(channels, bias=False))
+        self.to_out = nn.Sequential(nn.Linear(mid, channels, bias=bias),
+                                    nn.LayerNorm(channels, bias=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, N, C]
         h = self.norm(x)
@@ -122,16 +127,17 @@ class Attention(nn.Module):
 class TransformerBlock(nn.Module):
     """x + Attn(x); x + FF(x), FF = LN -> Linear(C, mC) -> GELU -> LN -> Linear(mC, C)."""
 
-    def __init__(self, channels: int, heads: int, head_features: int, multiplier: int):
+    def __init__(self, channels: int, heads: int, head_features: int, multiplier: int,
+                 bias: bool = False):
         super().__init__()
         mid = channels * multiplier
-        self.attention = Attention(channels, heads, head_features)
+        self.attention = Attention(channels, heads, head_features, bias)
         self.ff = nn.Sequential(
             nn.LayerNorm(channels, bias=False),
             nn.Linear(channels, mid, bias=False),
             nn.GELU(),
             nn.LayerNorm(mid, bias=False),
-            nn.Linear(mid, channels),
+            nn.Linear(mid, channels, bias=bias),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, C, N]
@@ -151,7 +157,7 @@ class DownLevel(nn.Module):
         )
         self.attn = (
             TransformerBlock(c_out, cfg.attention_heads, cfg.attention_features,
-                             cfg.attention_multiplier) if attention else None
+                             cfg.attention_multiplier, cfg.attention_bias) if attention else None
         )
 
     def forward(self, x, mapping, skips: list):
@@ -174,7 +180,7 @@ class UpLevel(nn.Module):
         )
         self.attn = (
             TransformerBlock(c_in, cfg.attention_heads, cfg.attention_features,
-                             cfg.attention_multiplier) if attention else None
+                             cfg.attention_multiplier, cfg.attention_bias) if attention else None
         )
         self.up = nn.ConvTranspose1d(c_in, c_out, 2 * factor, stride=factor,
                                      padding=factor // 2 + factor % 2, output_padding=factor % 2)
@@ -193,7 +199,7 @@ class Bottleneck(nn.Module):
         super().__init__()
         self.pre = ResnetBlock(channels, channels, cfg.resnet_groups, features)
         self.attn = (
-            Attention(channels, cfg.attention_heads, cfg.attention_features)
+            Attention(channels, cfg.attention_heads, cfg.attention_features, cfg.attention_bias)
             if cfg.use_attention_bottleneck else None
         )
         self.residual = cfg.bottleneck_residual
@@ -219,7 +225,11 @@ class UNet1d(nn.Module):
         self.patch_factor = p
         self.multiple = multiple(cfg)
         self.embed = NoiseEmbedding(c, features)
-        self.patch_in = ResnetBlock(in_channels, c // p, cfg.resnet_groups, features)
+        # the released patch blocks norm with min(patch_factor, stems) groups (ADP PatchBlock)
+        patch_groups = cfg.resnet_groups
+        if cfg.patch_groups == "patch_factor":
+            patch_groups = min(p, in_channels)
+        self.patch_in = ResnetBlock(in_channels, c // p, patch_groups, features)
         chans = [c * m for m in cfg.multipliers]
         self.downs = nn.ModuleList(
             DownLevel(chans[i], chans[i + 1], cfg.factors[i], cfg.num_blocks[i],
@@ -230,7 +240,7 @@ class UNet1d(nn.Module):
             UpLevel(chans[i + 1], chans[i], cfg.factors[i], cfg.num_blocks[i],
                     cfg.attentions[i], cfg, features) for i in reversed(range(n))
         )
-        self.patch_out = ResnetBlock(c // p, in_channels, cfg.resnet_groups, features)
+        self.patch_out = ResnetBlock(c // p, in_channels, patch_groups, features)
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
         if x.ndim != 3 or x.shape[1] != self.in_channels:

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -44,10 +46,30 @@ def test_shape_mismatch_is_an_error():
 
 
 def test_window_count_follows_protocol():
-    # count = ceil((T - hop) / hop); the last window may be shorter
+    # MSDM evaluate_separation.py: ceil((T - overlap) / step), overlap = window - hop, step = hop
     assert window_starts(10 * 100, 400, 200) == [0, 200, 400, 600]
     assert window_starts(11 * 100, 400, 200) == [0, 200, 400, 600, 800]
-    assert window_starts(50, 400, 200) == [0]
+    assert window_starts(300, 400, 200) == [0]  # shorter than a window, longer than the overlap
+
+
+def test_window_count_matches_the_official_formula_for_non_default_windows():
+    def official(t, window, hop):  # the loop bound of the released evaluation code
+        overlap = window - hop
+        return [i * hop for i in range(math.ceil((t - overlap) / hop))]
+
+    for window, hop in [(400, 100), (300, 200), (400, 400), (400, 200)]:
+        for t in [1, 150, 299, 300, 301, 399, 400, 401, 1000, 1234]:
+            assert window_starts(t, window, hop) == official(t, window, hop), (window, hop, t)
+    assert window_starts(1000, 400, 100) == [0, 100, 200, 300, 400, 500, 600]  # not 9 windows
+
+
+def test_a_track_no_longer_than_the_overlap_scores_no_window():
+    sr = 100
+    refs = torch.tensor(np.random.default_rng(0).standard_normal((2, 150)))  # 1.5 s < 2 s
+    assert window_starts(150, 4 * sr, 2 * sr) == []
+    assert windowed_si_sdri(refs, refs, sr).shape == (0, 2)
+    three = torch.tensor(np.random.default_rng(1).standard_normal((2, 300)))
+    assert windowed_si_sdri(three, three, sr, window_s=3.0, hop_s=1.0).shape == (1, 2)
 
 
 def test_windowed_protocol_skips_windows_with_one_active_stem():
