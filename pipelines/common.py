@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import resource
@@ -52,6 +53,7 @@ def parser(doc: str, default_config: str = "paper") -> argparse.ArgumentParser:
     g.add_argument("--smoke-test", action="store_true",
                    help="tiny preset, private 2-CPU local Ray, a few rows, CPU only")
     g.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    g.add_argument("--verbose", action="store_true", help="also show Ray Data's INFO lines")
     g.add_argument("--shared-fs", action="store_true",
                    help="local paths are on a mount every node shares (NFS); checked with a "
                         "probe file. Without it, a multi-node cluster refuses local paths")
@@ -170,6 +172,11 @@ def _start_ray(ray, args, runtime_env):
         ray.init(address="local", num_cpus=num_cpus, runtime_env=renv or None)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
+    if not getattr(args, "verbose", False):  # the jobs print their own progress lines
+        ctx.print_on_execution_start = False
+        data_log = logging.getLogger("ray.data")
+        data_log.setLevel(logging.WARNING)
+        data_log.addFilter(lambda r: not r.getMessage().startswith("Progress bars disabled"))
 
 
 def check_paths(ray, uris, shared_fs: bool) -> None:

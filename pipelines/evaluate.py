@@ -99,15 +99,16 @@ def main(argv=None) -> dict:
     storage.check_readable(storage.join(args.data, args.split))
     storage.check_writable(args.output)
     ray = init_ray(args, [args.data, args.output, *ckpt_uris(ckpt)])
-    results, done = [], {}
-    for name, cfg in configs:
+    results, done, t0 = [], {}, time.time()
+    for i, (name, cfg) in enumerate(configs):
         key = json.dumps({k: cfg.to_dict()[k] for k in ("sampler", "separation")}, sort_keys=True)
         if key in done:  # same sampler as an earlier row (e.g. the paper's = the checkpoint's)
             row = {**done[key], "name": name, "same_as": done[key]["name"]}
             log(f"evaluate [{name}]: same sampler as [{row['same_as']}], result reused")
             results.append(row)
             continue
-        log(f"evaluate [{name}] on {args.data}/{args.split} ...")
+        eta = "" if not done else f", ETA {(len(configs) - i) * (time.time() - t0) / i:.0f} s"
+        log(f"evaluate [{name}] ({i + 1}/{len(configs)}) on {args.data}/{args.split}{eta} ...")
         row = evaluate_one(ray, args, ckpt, cfg, name)
         done[key] = row
         results.append(row)

@@ -114,8 +114,9 @@ def main(argv=None) -> dict:
         for row in wave:
             log(f"  {row['status']:<6} {row['key']} "
                 + (f"{row['duration_s']:.1f} s" if row["status"] == "ok" else row["error"]))
-        log(f"  {min(w + args.wave_size, len(todo))}/{len(todo)} tracks, "
-            f"{time.time() - t0:.0f} s")
+        n = min(w + args.wave_size, len(todo))
+        log(f"  {n}/{len(todo)} tracks, {time.time() - t0:.0f} s, "
+            f"ETA {(len(todo) - n) * (time.time() - t0) / n:.0f} s")
     manifest = writer.compact()
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed", "skipped")}
     log(f"done in {time.time() - t0:.1f} s: {counts}")

@@ -35,6 +35,7 @@ def get_fs(uri: str):
         if endpoint:
             kwargs["client_kwargs"] = {"endpoint_url": endpoint}
         fs = fsspec.filesystem("s3", **kwargs)
+        fs.retries = 1  # botocore retries (MSDM_S3_MAX_ATTEMPTS); s3fs's own 5 would multiply them
         fs.invalidate_cache()  # other processes write here: never trust a cached listing
         return fs, uri[len("s3://") :].rstrip("/")
     if uri.startswith("file://"):
@@ -43,7 +44,8 @@ def get_fs(uri: str):
 
 
 def s3_timeouts() -> dict:
-    """botocore settings: connect/read timeouts and a retry cap (defaults 10 s, 60 s, 3)."""
+    """botocore settings: connect/read timeouts and a retry cap (defaults 5 s, 15 s, 2 attempts:
+    an endpoint that never answers fails within about 30 s)."""
     def number(name, default, kind=float):
         raw = os.environ.get(name, "")
         try:
@@ -51,9 +53,9 @@ def s3_timeouts() -> dict:
         except ValueError:
             raise StorageError(f"{name}={raw!r} is not a number") from None
 
-    return {"connect_timeout": number("MSDM_S3_CONNECT_TIMEOUT", 10.0),
-            "read_timeout": number("MSDM_S3_READ_TIMEOUT", 60.0),
-            "retries": {"max_attempts": number("MSDM_S3_MAX_ATTEMPTS", 3, int),
+    return {"connect_timeout": number("MSDM_S3_CONNECT_TIMEOUT", 5.0),
+            "read_timeout": number("MSDM_S3_READ_TIMEOUT", 15.0),
+            "retries": {"max_attempts": number("MSDM_S3_MAX_ATTEMPTS", 2, int),
                         "mode": "standard"}}
 
 

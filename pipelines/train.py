@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import numpy as np
 
@@ -141,6 +142,8 @@ def main(argv=None) -> dict:
     cpus = args.cpus_per_worker or _default_cpus(ray, args.num_workers)
     resources = {"CPU": cpus, **({"GPU": 1} if args.gpu else {})}
     fs, path = storage.pyarrow_fs(args.storage)
+    # Ray Train's print patch sends every worker line to the driver twice (stdout + its logger)
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "opts": {
@@ -187,8 +190,6 @@ def _check_resources(ray, args) -> None:
 
 def _autoscaling(ray) -> bool:
     """True on a `ray up` cluster whose autoscaler can add nodes (a local cluster cannot)."""
-    import os
-
     return os.path.exists(os.path.expanduser("~/ray_bootstrap_config.yaml"))
 
 

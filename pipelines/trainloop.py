@@ -70,7 +70,7 @@ def train_loop_per_worker(config: dict) -> None:
     per_worker = cfg.train.batch_size // world  # the driver checked that it divides
     shard = ray.train.get_dataset_shard("train")  # [ray]
     t_start, last_log, waited, samples = time.time(), time.time(), 0.0, 0
-    val: dict = {}
+    first_step, val = step, {}
     if rank == 0:
         print(f"[train] world {world}, {per_worker} chunks per worker, device {device}, "
               f"{'resuming at step ' + str(step) if step else 'starting at step 0'}", flush=True)
@@ -87,26 +87,34 @@ def train_loop_per_worker(config: dict) -> None:
             step += 1
             samples += x.shape[0] * world
             done = step >= cfg.train.max_steps
-            if step % cfg.train.val_every == 0 or step % cfg.train.checkpoint_every == 0 or done:
-                val = validation_loss(ema, val_x, cfg) if rank == 0 else {}
+            validated = step % cfg.train.val_every == 0 or step % cfg.train.checkpoint_every == 0
+            if validated or done:
+                val, validated = (validation_loss(ema, val_x, cfg) if rank == 0 else {}), True
             if step % cfg.train.log_every == 0 or step % cfg.train.checkpoint_every == 0 or done:
                 now = time.time()
-                row = {"step": step, "loss": float(loss), "val_loss": val.get("val_loss", ""),
+                row = {"step": step, "loss": float(loss),  # val_loss only where validated
+                       "val_loss": val.get("val_loss", "") if validated else "",
                        "samples_per_s": samples / max(now - last_log, 1e-9),
                        "data_wait": waited / max(now - last_log, 1e-9),
                        "lr": opt.param_groups[0]["lr"], "elapsed_s": now - t_start}
                 history.append(row)
                 if rank == 0:
-                    vl = f"{row['val_loss']:.4f}" if val else "-"
+                    vl = f"{row['val_loss']:.4f}" if row["val_loss"] != "" else "-"
+                    eta = (cfg.train.max_steps - step) * (now - t_start) / (step - first_step)
                     print(f"[train] step {step}/{cfg.train.max_steps} loss {row['loss']:.4f} "
                           f"val {vl} {row['samples_per_s']:.1f} samples/s "
-                          f"wait {100 * row['data_wait']:.1f}% lr {row['lr']:.2g}", flush=True)
+                          f"wait {100 * row['data_wait']:.1f}% lr {row['lr']:.2g} "
+                          f"ETA {_clock(eta)}", flush=True)
                 last_log, waited, samples = now, 0.0, 0
             if step % cfg.train.checkpoint_every == 0 or done:
                 _checkpoint(cfg, denoiser, ema, opt, step, history, val, opts, rank)
             if done:
                 break
             t_wait = time.time()
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
 
 
 def _checkpoint(cfg, denoiser, ema, opt, step, history, val, opts, rank) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
+import time
 
 import yaml
 
@@ -128,11 +129,28 @@ def main(argv=None) -> dict:
                 metric=metric, mode=mode, num_samples=num_samples, reuse_actors=True,
                 search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrent)),
             run_config=tune.RunConfig(name=args.name, storage_path=path, storage_filesystem=fs,
-                                      verbose=1))
+                                      verbose=0, callbacks=[_progress(tune, num_samples)]))
         log(f"tune: {num_samples} trials of {args.space} on {len(val['x'])} chunks, "
             f"{concurrent} at once -> {sweep_uri}")
     grid = tuner.fit()
     return _write_outputs(grid, spec, sweep_uri, metric, mode)
+
+
+def _progress(tune, total: int):
+    """A driver-side callback printing one line per finished trial, with an ETA."""
+
+    class Progress(tune.Callback):
+        def __init__(self):
+            self.t0, self.done = time.time(), 0
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.done += 1
+            m = trial.last_result or {}
+            eta = (total - self.done) * (time.time() - self.t0) / self.done
+            log(f"  trial {self.done}/{total}: SI-SDRi {m.get('si_sdri', float('nan')):.2f} dB "
+                f"at NFE {m.get('nfe', '?')}, ETA {int(eta // 60)}:{int(eta % 60):02d}")
+
+    return Progress()
 
 
 def _concurrency(ray, args, cpus: float, num_samples: int) -> int:

@@ -123,3 +123,12 @@ def test_isdm_checkpoints_build_a_factorized_denoiser(tmp_path, tiny_cfg):
     save(paths["piano"], other, build_denoiser(other))
     with pytest.raises(CheckpointError, match="sample_rate"):
         load_factorized(paths, tiny_cfg.data.stems)
+
+
+def test_stem_names_from_a_checkpoint_must_be_file_name_safe(tmp_path, tiny_cfg):
+    """#19.2: a checkpoint whose data.stems holds `../..` paths is refused when read."""
+    state = _state(tiny_cfg)
+    state["config"]["data"]["stems"] = ["../../x", "drums", "guitar", "piano"]
+    torch.save(state, tmp_path / "stems.ckpt")
+    with pytest.raises(CheckpointError, match=r"stems.ckpt: .*stem names must match"):
+        load_checkpoint(tmp_path / "stems.ckpt")
