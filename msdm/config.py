@@ -93,13 +93,14 @@ class Train:
     val_chunks: int = 32  # fixed validation chunks (the first N of the validation split)
     val_sigmas: tuple[float, ...] = (0.005, 0.02, 0.05, 0.1, 0.3, 1.0)  # fixed sigma grid
     log_every: int = 50
+    shuffle_buffer: int = 64  # rows per worker in the seeded shuffle buffer (new order per epoch)
     seed: int = 12345
     stem: str = ""  # ISDM: train a single-stem prior on this stem; "" = joint model
     bf16: bool = True  # autocast to bfloat16 on CUDA (ignored on CPU)
 
     def __post_init__(self):
         counts = ("batch_size", "max_steps", "checkpoint_every", "val_every", "num_to_keep",
-                  "val_chunks", "log_every")
+                  "val_chunks", "log_every", "shuffle_buffer")
         bad = [k for k in counts if getattr(self, k) < 1]
         _require(not bad, f"{', '.join(bad)} must be >= 1")
         _require(self.lr > 0 and 0 <= self.ema_decay < 1,

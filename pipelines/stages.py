@@ -21,6 +21,30 @@ def decode_batch(table, stems, stem: str = "") -> dict:
     return {"x": batch_to_tensor(table, (stem,) if stem else tuple(stems)).numpy()}
 
 
+def train_dataset(ray, uri: str, cfg, seed: int, materialize: bool):
+    """The training split for Ray Train, decoded to 'x' [B, S, T]: files are read in a seeded
+    order that changes at every execution (every epoch), and the block order is reshuffled
+    every epoch too (also when a small split is materialised once in the object store). The
+    driver passes a seed that includes the resume step, so a resumed run sees a new order."""
+    from ray.data import FileShuffleConfig, RandomSeedConfig
+
+    fs, path = storage.pyarrow_fs(uri)
+    ds = ray.data.read_parquet(path, filesystem=fs, shuffle=FileShuffleConfig(seed=seed))
+    ds = ds.map_batches(decode_batch, batch_format="pyarrow",
+                        fn_kwargs={"stems": cfg.data.stems, "stem": cfg.train.stem})
+    if materialize:
+        ds = ds.materialize()
+    return ds.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+
+
+def epoch_batches(iterator, batch_size: int, buffer_rows: int, seed: int):
+    """One epoch of torch batches from a Ray Data iterator, through a seeded shuffle buffer of
+    `buffer_rows` rows (pass a seed that changes with the epoch)."""
+    return iterator.iter_torch_batches(batch_size=batch_size, drop_last=True, prefetch_batches=4,
+                                       local_shuffle_buffer_size=max(buffer_rows, batch_size),
+                                       local_shuffle_seed=seed)
+
+
 def read_chunks(uri: str, stems, limit: int, stem: str = "") -> dict:
     """The first `limit` chunks of a prepared split in file order, read on this process without
     a global sort (shards hold whole tracks in order), then sorted by (track, chunk).

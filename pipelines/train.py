@@ -25,7 +25,7 @@ from msdm.config import ConfigError, apply_overrides
 from . import storage
 from .common import dry_run, init_ray, log, parser, resolve_config, write_json
 from .report import plot_loss
-from .stages import decode_batch, read_chunks
+from .stages import read_chunks, train_dataset
 from .trainloop import train_loop_per_worker
 
 
@@ -133,11 +133,10 @@ def main(argv=None) -> dict:
 
     _check_resources(ray, args)
     val_ref = ray.put(_validation_chunks(args.data, cfg))
-    train_ds = ray.data.read_parquet(storage.join(args.data, "train")).map_batches(
-        decode_batch, batch_format="pyarrow",
-        fn_kwargs={"stems": cfg.data.stems, "stem": cfg.train.stem})
-    if _dataset_bytes(storage.join(args.data, "train")) < 0.25 * _object_store_bytes(ray):
-        train_ds = train_ds.materialize()  # small: read once, not once per epoch
+    small = _dataset_bytes(storage.join(args.data, "train")) < 0.25 * _object_store_bytes(ray)
+    train_ds = train_dataset(ray, storage.join(args.data, "train"), cfg,
+                             cfg.train.seed + _latest_step(run_uri), materialize=small)
+    if small:  # read once, not once per epoch
         log(f"train split materialised in the object store ({train_ds.count()} chunks)")
     cpus = args.cpus_per_worker or _default_cpus(ray, args.num_workers)
     resources = {"CPU": cpus, **({"GPU": 1} if args.gpu else {})}
@@ -165,6 +164,13 @@ def main(argv=None) -> dict:
     log(f"done: best val_loss {best['val_loss']:.4f} at step {best['step']}; "
         f"exported {storage.join(run_uri, 'model.ckpt')}")
     return {"run": run_uri, **best, "metrics": dict(result.metrics or {})}
+
+
+def _latest_step(run_uri: str) -> int:
+    """Step of the run's newest checkpoint (0 for a new run): seeds a new data order on resume."""
+    steps = [int(n.split("_")[1]) for n in storage.listdir(run_uri)
+             if n.startswith("checkpoint_") and n.split("_")[1].isdigit()]
+    return max(steps, default=0)
 
 
 def _dataset_bytes(uri: str) -> int:

@@ -18,6 +18,7 @@ from msdm.data import random_shift
 from msdm.training import make_ema, make_optimizer, train_step, validation_loss
 
 from . import storage
+from .stages import epoch_batches
 
 CSV_FIELDS = ["step", "loss", "val_loss", "samples_per_s", "data_wait", "lr", "elapsed_s"]
 
@@ -76,9 +77,8 @@ def train_loop_per_worker(config: dict) -> None:
               f"{'resuming at step ' + str(step) if step else 'starting at step 0'}", flush=True)
     while step < cfg.train.max_steps:
         t_wait = time.time()
-        for batch in shard.iter_torch_batches(batch_size=per_worker, drop_last=True,  # [ray]
-                                              local_shuffle_buffer_size=4 * per_worker,
-                                              prefetch_batches=4):
+        seed = cfg.train.seed * 1000 + rank + 7919 * step  # a new row order every epoch
+        for batch in epoch_batches(shard, per_worker, cfg.train.shuffle_buffer, seed):  # [ray]
             waited += time.time() - t_wait
             x = batch["x"].to(device, non_blocking=True)
             if cfg.data.random_shift:
