@@ -34,6 +34,7 @@ def pick_device(num_gpus: float) -> str:
         raise RuntimeError(f"{num_gpus} GPU(s) requested but CUDA is not usable here "
                            f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); "
                            "check the NVIDIA driver (>= 580 for CUDA 13 wheels) or request 0 GPUs")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 parts
     return "cuda"
 
 
