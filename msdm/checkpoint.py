@@ -21,6 +21,7 @@ from . import released
 from .config import Config, ConfigError, get_preset
 from .diffusion import Denoiser, FactorizedDenoiser
 from .model import build_network, count_parameters
+from .regressor import Regressor
 
 FORMAT_VERSION = 2  # 2: model.attention_bias and model.patch_groups (release parity)
 # format 1 networks had biased attention/feed-forward outputs and resnet_groups patch norms
@@ -40,10 +41,18 @@ def build_denoiser(cfg: Config, num_stems: int | None = None) -> nn.Module:
     return Denoiser(net, cfg.diffusion.sigma_data, cfg.diffusion.clamp)
 
 
+def build_model(cfg: Config) -> nn.Module:
+    """An untrained model of `cfg.model.kind`: the EDM denoiser D(x; sigma) (unet) or the
+    mixture -> stems `Regressor` (hdemucs). Checkpoints of either kind save and load alike."""
+    if cfg.model.kind == "hdemucs":
+        return Regressor(cfg.model, cfg.num_stems)
+    return build_denoiser(cfg)
+
+
 def parameter_count(cfg: Config) -> int:
     """Parameters of the network `cfg` describes, counted on the meta device (no memory)."""
     with torch.device("meta"):
-        return count_parameters(build_network(cfg.model, cfg.num_stems))
+        return count_parameters(build_model(cfg))
 
 
 @functools.lru_cache(maxsize=1)
@@ -140,7 +149,8 @@ def check_size(cfg: Config, name: str = "checkpoint") -> int:
 
 def load_checkpoint(source, use_ema: bool = True, map_location="cpu", name: str | None = None,
                     stem: str = ""):
-    """Load a checkpoint as (cfg, denoiser) in eval mode, EMA weights by default.
+    """Load a checkpoint as (cfg, model) in eval mode, EMA weights by default: a denoiser, or a
+    `Regressor` when `cfg.model.kind` is hdemucs.
 
     `stem`: the stem of a released single-stem (weakly MSDM) checkpoint; ignored otherwise.
     """
@@ -148,7 +158,7 @@ def load_checkpoint(source, use_ema: bool = True, map_location="cpu", name: str 
     state = load_state(source, map_location, name, stem)
     cfg: Config = state["config"]
     check_size(cfg, name)
-    denoiser = build_denoiser(cfg)
+    denoiser = build_model(cfg)
     weights = state["ema"] if use_ema and state.get("ema") is not None else state["model"]
     try:
         denoiser.load_state_dict(weights)

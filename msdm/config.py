@@ -116,6 +116,7 @@ class Separation:
     gamma: float = 0.75  # Gaussian: likelihood width gamma = gamma * sigma
     margin: float = 0.0625  # long tracks: context margin per segment side, fraction of a chunk
     overlap: float = 0.125  # long tracks: cross-fade length between segment cores, fraction
+    init: str = ""  # regressor (hdemucs) checkpoint URI; its estimate starts the sampler (--init)
 
     def __post_init__(self):
         _require(self.gamma > 0, f"gamma must be positive, got {self.gamma}")
@@ -153,6 +154,9 @@ class Config:
         if self.data.chunk_samples % m:
             raise ConfigError(f"data.chunk_samples ({self.data.chunk_samples}) must be a multiple "
                               f"of {m} (model.patch_factor x prod(model.factors))")
+        if self.train.stem and self.model.kind == "hdemucs":
+            raise ConfigError("train.stem (a single-stem prior) does not apply to "
+                              "model.kind hdemucs (a mixture -> stems regressor)")
         if self.train.stem and self.train.stem not in self.data.stems:
             raise ConfigError(f"train.stem {self.train.stem!r} is not one of data.stems "
                               f"{list(self.data.stems)}")

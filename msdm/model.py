@@ -18,9 +18,10 @@ from torch import nn
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """U-Net hyper-parameters; defaults are the released MSDM network (`exp/train_msdm.yaml`)."""
+    """U-Net hyper-parameters; defaults are the released MSDM network (`exp/train_msdm.yaml`).
+    `kind: hdemucs` selects the mixture -> stems regressor of `msdm.regressor` instead."""
 
-    kind: Literal["unet"] = "unet"
+    kind: Literal["unet", "hdemucs"] = "unet"  # unet = MSDM score model; hdemucs = regressor
     channels: int = 256
     patch_factor: int = 16
     multipliers: tuple[int, ...] = (1, 2, 4, 4, 4, 4, 4)
@@ -39,8 +40,15 @@ class ModelConfig:
     # GroupNorm groups of the patch blocks: "patch_factor" = min(patch_factor, stems), as released
     # (ADP 0.0.43 PatchBlock); "resnet_groups" = like every other block (msdm format_version 1)
     patch_groups: Literal["patch_factor", "resnet_groups"] = "patch_factor"
+    # kind hdemucs: torchaudio Hybrid Demucs (Defossez 2021); defaults are torchaudio's
+    hdemucs_channels: int = 48  # channels of the first layer
+    hdemucs_growth: int = 2  # channel multiplier per layer
+    hdemucs_depth: int = 6  # encoder/decoder layers (time and spectral branches)
+    hdemucs_nfft: int = 4096  # STFT size of the spectral branch (hop nfft / 4)
 
     def __post_init__(self):
+        if self.kind == "hdemucs":
+            _check_hdemucs(self)
         n = len(self.factors)
         if not (len(self.multipliers) == n + 1
                 and len(self.num_blocks) == n == len(self.attentions)):
@@ -55,9 +63,27 @@ class ModelConfig:
                              f"({self.patch_factor})")
 
 
+# HDemucs merges its spectral branch into the time branch once the frequency axis (nfft / 2
+# bins, / 4 per layer) is small enough; only these nfft reach that, at these depths or deeper
+# (checked with torchaudio 2.11 on 4000-, 4096- and 16384-sample inputs).
+HDEMUCS_MIN_DEPTH = {256: 3, 1024: 4, 2048: 5, 4096: 5}
+
+
+def _check_hdemucs(cfg: ModelConfig) -> None:
+    if min(cfg.hdemucs_channels, cfg.hdemucs_growth) < 1:
+        raise ValueError("hdemucs_channels and hdemucs_growth must be >= 1")
+    least = HDEMUCS_MIN_DEPTH.get(cfg.hdemucs_nfft)
+    if least is None or cfg.hdemucs_depth < least:
+        raise ValueError(
+            f"hdemucs_nfft {cfg.hdemucs_nfft} with hdemucs_depth {cfg.hdemucs_depth} does not fit "
+            f"HDemucs: use one of " + ", ".join(f"nfft {n} with depth >= {d}" for n, d in
+                                                HDEMUCS_MIN_DEPTH.items()))
+
+
 def multiple(cfg: ModelConfig) -> int:
-    """Lengths the network accepts are multiples of this: patch_factor x prod(factors)."""
-    return cfg.patch_factor * math.prod(cfg.factors)
+    """Lengths the network accepts are multiples of this: patch_factor x prod(factors) for the
+    U-Net; any length for HDemucs (it pads internally)."""
+    return 1 if cfg.kind == "hdemucs" else cfg.patch_factor * math.prod(cfg.factors)
 
 
 def _groups(channels: int, wanted: int) -> int:

@@ -1,7 +1,9 @@
-"""Training loop pieces: optimizer, one EDM training step, deterministic validation loss.
+"""Training loop pieces: optimizer, one training step, deterministic validation loss.
 
 No DDP and no Ray here: `pipelines/train.py` wraps these in Ray Train. Paper Sec. 3.1: Adam
 1e-4, betas (0.9, 0.99), per-example sigma with ln sigma ~ N(-3, 1), bf16 autocast on GPU.
+`model.kind` hdemucs trains the regressor with a waveform L1 loss instead (`msdm.regressor`);
+optimizer, schedule and EMA are shared.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from torch import nn
 
 from .config import Config
 from .diffusion import edm_loss, ema_update, sample_training_sigmas
+from .regressor import regression_loss
 
 
 def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -63,11 +66,14 @@ def train_step(denoiser: nn.Module, x: torch.Tensor, optimizer: torch.optim.Opti
         raise ValueError(f"training batch must be [B, S, T], got {tuple(x.shape)}")
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, cfg.train)
-    d = cfg.diffusion
-    sigma = sample_training_sigmas(x.shape[0], d.p_mean, d.p_std, generator).to(x.device)
-    noise = torch.randn(x.shape, generator=generator).to(x.device)
     with autocast(x.device, cfg.train.bf16):
-        loss = edm_loss(denoiser, x, sigma, noise, d.sigma_data).mean()
+        if cfg.model.kind == "hdemucs":  # the model is a mixture -> stems regressor
+            loss = regression_loss(denoiser, x).mean()
+        else:
+            d = cfg.diffusion
+            sigma = sample_training_sigmas(x.shape[0], d.p_mean, d.p_std, generator)
+            noise = torch.randn(x.shape, generator=generator).to(x.device)
+            loss = edm_loss(denoiser, x, sigma.to(x.device), noise, d.sigma_data).mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.train.grad_clip > 0:
@@ -84,8 +90,13 @@ def validation_loss(denoiser: nn.Module, x: torch.Tensor, cfg: Config,
     """Loss on fixed chunks x [N, S, T] at each sigma of `train.val_sigmas`, with fixed noise.
 
     Deterministic for given weights and chunks, so checkpoint selection means something.
-    Returns {"val_loss": mean over the grid, "val_loss@<sigma>": ...}.
+    Returns {"val_loss": mean over the grid, "val_loss@<sigma>": ...}; for a regressor
+    (model.kind hdemucs) {"val_loss": mean waveform L1}.
     """
+    if cfg.model.kind == "hdemucs":
+        total = sum(float(regression_loss(denoiser, x[i : i + batch_size]).sum())
+                    for i in range(0, x.shape[0], batch_size))
+        return {"val_loss": total / max(x.shape[0], 1)}
     d = cfg.diffusion
     out: dict[str, float] = {}
     gen = torch.Generator().manual_seed(cfg.train.seed)

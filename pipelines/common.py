@@ -26,6 +26,7 @@ from msdm.config import (
 )
 
 from . import storage
+from .models import check_init
 
 _T0 = time.time()
 FIXED_BY_CHECKPOINT = ("model.", "diffusion.", "data.stems", "train.stem")
@@ -61,13 +62,21 @@ def parser(doc: str, default_config: str = "paper") -> argparse.ArgumentParser:
     return p
 
 
+def add_init(p: argparse.ArgumentParser) -> None:
+    """--init REGRESSOR_CKPT for the separating jobs (evaluate, separate, tune)."""
+    p.add_argument("--init", default=None, metavar="REGRESSOR_CKPT",
+                   help="regressor checkpoint (train --set model.kind=hdemucs) whose estimate, "
+                        "re-noised to sampler.sigma_max, starts the sampler (sets separation.init)")
+
+
 def resolve_config(args, base: Config | None = None, sampler_files=()) -> Config:
     """The one way every job resolves its config, before Ray starts.
 
     Without `base`: the --config preset or file (tiny under --smoke-test). With `base` (a
     checkpoint's config): --config must be a YAML file, applied over it. Then each sampler file,
-    then the --set overrides. The network (model.*, diffusion.*, data.stems) of a checkpoint
-    cannot be changed. Errors are ConfigError naming the key or file.
+    then the --set overrides, then --init. The network (model.*, diffusion.*, data.stems) of a
+    checkpoint cannot be changed. Errors are ConfigError naming the key or file, and
+    CheckpointError for a missing or mismatched --init.
     """
     if base is None:
         cfg = load_config(args.config or ("tiny" if args.smoke_test else args._default_config))
@@ -86,8 +95,11 @@ def resolve_config(args, base: Config | None = None, sampler_files=()) -> Config
         cfg = apply_overrides(cfg, load_sampler_yaml(fetch_local(f)))
     if args.overrides:
         cfg = apply_overrides(cfg, args.overrides)
+    if getattr(args, "init", None):
+        cfg = apply_overrides(cfg, {"separation.init": args.init})
     if base is not None:
         _check_fixed(base, cfg)
+        check_init(cfg)
     return cfg
 
 

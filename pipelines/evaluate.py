@@ -22,10 +22,10 @@ import torch
 
 from msdm.data import COL_TRACK
 from msdm.metrics import summarize
-from msdm.sampling import nfe
 
 from . import storage
 from .common import (
+    add_init,
     ckpt_uris,
     dry_run,
     init_ray,
@@ -35,7 +35,7 @@ from .common import (
     resolve_config,
     write_json,
 )
-from .models import load_model
+from .models import load_model, separation_nfe
 from .report import markdown_table, plot_stem_bars
 from .stages import SeparateChunks, read_chunks, score_track
 
@@ -55,6 +55,7 @@ def build_parser():
     p.add_argument("--actors", type=int, default=1, help="model replicas (actor pool size)")
     p.add_argument("--gpus-per-actor", type=float, default=0)
     p.add_argument("--batch-size", type=int, default=4, help="chunks per model call")
+    add_init(p)
     return p
 
 
@@ -81,7 +82,7 @@ def evaluate_one(ray, args, ckpt, cfg, name: str) -> dict:
     windows = torch.tensor(np.array([r["si_sdri"] for r in rows])).reshape(-1, len(cfg.data.stems))
     return {"name": name, "si_sdri": summarize(windows, cfg.data.stems),
             "windows": int(windows.shape[0]), "tracks": len({r[COL_TRACK] for r in rows}),
-            "nfe": nfe(cfg.sampler), "seconds": time.time() - t0,
+            "nfe": separation_nfe(cfg), "seconds": time.time() - t0,
             "sampler": cfg.to_dict()["sampler"], "separation": cfg.to_dict()["separation"]}
 
 

@@ -1,8 +1,10 @@
 """Checkpoints on a device, and the one separation path every job uses (evaluate, tune, separate).
 
-`Separator` holds (config, denoiser, device) and separates a batch of mono mixtures with one seed
+`Separator` holds (config, model, device) and separates a batch of mono mixtures with one seed
 per item, derived from item keys such as (track, chunk): results do not depend on batch size or
-worker count. bf16 autocast runs on CUDA; the sampler state stays float32. No Ray import.
+worker count. bf16 autocast runs on CUDA; the sampler state stays float32. A regressor
+checkpoint (model.kind hdemucs) separates in one pass; `separation.init` (--init) names a
+regressor whose estimate starts the diffusion sampler. No Ray import.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import zlib
 import numpy as np
 import torch
 
-from msdm.checkpoint import load_checkpoint, load_factorized
+from msdm.checkpoint import CheckpointError, check_size, load_checkpoint, load_factorized, load_state
 from msdm.config import Config
+from msdm.regressor import project_residual
+from msdm.sampling import nfe
 from msdm.tasks import item_generators, separate
 from msdm.training import autocast
 
@@ -51,15 +55,61 @@ def load_model(ckpt, device: str = "cpu"):
     return cfg, den.to(device)
 
 
+def separation_nfe(cfg: Config) -> int:
+    """Model evaluations per segment: 1 for a regressor, the sampler's NFE (+ 1 with --init)."""
+    if cfg.model.kind == "hdemucs":
+        return 1
+    return nfe(cfg.sampler) + (1 if cfg.separation.init else 0)
+
+
+def check_init(cfg: Config) -> None:
+    """Validate `separation.init` (--init) in the driver, before Ray starts: a readable regressor
+    checkpoint with the data.stems and data.sample_rate of the model it initialises."""
+    uri = cfg.separation.init
+    if not uri:
+        return
+    if cfg.model.kind == "hdemucs":
+        raise CheckpointError(f"--init {uri}: --ckpt is itself a regressor; --init starts a "
+                              "diffusion checkpoint's sampler from a regressor's estimate")
+    try:
+        state = load_state(io.BytesIO(storage.read_bytes(uri)), name=f"--init {uri}")
+    except storage.StorageError as e:
+        raise CheckpointError(f"--init {uri}: cannot read the regressor checkpoint ({e})") from e
+    other: Config = state["config"]
+    check_size(other, f"--init {uri}")
+    if other.model.kind != "hdemucs":
+        raise CheckpointError(f"--init {uri} is a model.kind {other.model.kind} checkpoint; "
+                              "--init needs a regressor (pipelines.train --set model.kind=hdemucs)")
+    for key in ("stems", "sample_rate"):
+        mine, theirs = getattr(cfg.data, key), getattr(other.data, key)
+        if mine != theirs:
+            raise CheckpointError(f"--init {uri}: its data.{key} {_show(theirs)} differs from "
+                                  f"the --ckpt model's {_show(mine)}")
+
+
+def _show(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
 class Separator:
     """Separate mono mixtures [B, T] with the checkpoint's network and the sampler, likelihood
-    and constrained stem of `cfg` (the resolved config of the job)."""
+    and constrained stem of `cfg` (the resolved config of the job). A regressor checkpoint runs
+    once per batch; with `cfg.separation.init` the regressor's estimate (loaded once here)
+    starts the sampler at init + sigma_max * noise."""
 
     def __init__(self, ckpt, cfg: dict | Config, num_gpus: float = 0, seed: int = 0):
         self.device = pick_device(num_gpus)
         _, self.denoiser = load_model(ckpt, self.device)
         self.cfg = cfg if isinstance(cfg, Config) else Config.from_dict(cfg)
         self.seed = seed
+        self.init = None
+        if self.cfg.separation.init and self.cfg.model.kind != "hdemucs":
+            _, self.init = load_model(self.cfg.separation.init, self.device)
+
+    def regress(self, model, mixture: torch.Tensor) -> torch.Tensor:
+        """A regressor's estimate [B, S, T] of mixture [B, 1, T], with the residual spread
+        equally over the stems (`project_residual`), so the stems sum to the mixture."""
+        return project_residual(model(mixture), mixture)
 
     def __call__(self, mixture, keys) -> np.ndarray:
         """mixture [B, T] (numpy or torch), keys: one tuple per item -> stems [B, S, T]."""
@@ -68,10 +118,13 @@ class Separator:
             raise ValueError(f"need mixtures [B, T] with one key per item, got "
                              f"{tuple(mix.shape)} and {len(keys)} keys")
         seeds = [stable_seed(self.seed, *k) for k in keys]
-        cfg = self.cfg
-        with autocast(torch.device(self.device), cfg.train.bf16):
-            est = separate(self.denoiser, mix[:, None].to(self.device), len(cfg.data.stems),
+        cfg, mixture = self.cfg, mix[:, None].to(self.device)  # [B, 1, T]
+        with torch.no_grad(), autocast(torch.device(self.device), cfg.train.bf16):
+            if cfg.model.kind == "hdemucs":  # one forward pass (NFE 1)
+                return self.regress(self.denoiser, mixture).float().cpu().numpy()
+            init = self.regress(self.init, mixture) if self.init is not None else None
+            est = separate(self.denoiser, mixture, len(cfg.data.stems),
                            cfg.sampler, likelihood=cfg.separation.likelihood,
                            constrained=cfg.separation.constrained, gamma=cfg.separation.gamma,
-                           generator=item_generators(seeds, self.device))
+                           generator=item_generators(seeds, self.device), init=init)
         return est.float().cpu().numpy()

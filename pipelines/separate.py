@@ -19,8 +19,6 @@ import json
 import sys
 import time
 
-from msdm.sampling import nfe
-
 from . import storage
 from .catalog import (
     ManifestWriter,
@@ -30,8 +28,17 @@ from .catalog import (
     output_paths,
     read_manifest,
 )
-from .common import ckpt_uris, dry_run, init_ray, log, parse_ckpt, parser, resolve_config
-from .models import load_model
+from .common import (
+    add_init,
+    ckpt_uris,
+    dry_run,
+    init_ray,
+    log,
+    parse_ckpt,
+    parser,
+    resolve_config,
+)
+from .models import load_model, separation_nfe
 from .segments import SeparateSegments, assemble_track, decode_segments
 
 SUBTYPES = ("PCM_16", "PCM_24", "FLOAT")
@@ -54,6 +61,7 @@ def build_parser():
     p.add_argument("--gpus-per-actor", type=float, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="segments per model call")
     p.add_argument("--wave-size", type=int, default=64, help="tracks per wave (resume unit)")
+    add_init(p)
     return p
 
 
@@ -104,7 +112,7 @@ def main(argv=None) -> dict:
             todo.append(it)
     writer.append(done_rows)
     log(f"separate: {len(items)} inputs, {len(items) - len(todo)} settled, {len(todo)} to do "
-        f"-> {args.output} (NFE per segment {nfe(cfg.sampler)}, {args.actors} actor(s))")
+        f"-> {args.output} (NFE per segment {separation_nfe(cfg)}, {args.actors} actor(s))")
     ray = init_ray(args, [args.input, args.output, *ckpt_uris(ckpt)]) if todo else None
     t0, rows = time.time(), list(done_rows)
     for w in range(0, len(todo), args.wave_size):

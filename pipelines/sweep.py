@@ -8,9 +8,8 @@ import torch
 
 from msdm.config import Config, apply_overrides
 from msdm.metrics import summarize
-from msdm.sampling import nfe
 
-from .models import Separator
+from .models import Separator, separation_nfe
 from .stages import score_track
 
 DIVERGED_DB = -60.0  # what a trial whose sampler blew up scores, so the search steers away
@@ -24,7 +23,7 @@ def sweep_trial(config: dict, ckpt, base: dict, val: dict, seed: int, cost_per_n
     SI-SDRi, NFE and a cost-aware score."""
     from ray import tune
 
-    key = (str(ckpt), num_gpus)
+    key = (str(ckpt), num_gpus, base["separation"]["init"])  # --init: another regressor
     if key not in _SEPARATORS:
         _SEPARATORS[key] = Separator(ckpt, base, num_gpus, seed)
     separator = _SEPARATORS[key]
@@ -42,7 +41,7 @@ def trial_metrics(est: torch.Tensor, val: dict, cfg: Config, cost_per_nfe: float
     """Mean windowed SI-SDRi of `est` [N, S, T] against the chunks in `val`, the NFE and the
     cost-aware score. A sampler that diverged (non-finite estimates, e.g. Euler + Dirac with too
     few steps) is a result, not an error: it scores DIVERGED_DB with `diverged` = 1."""
-    k = nfe(cfg.sampler)
+    k = separation_nfe(cfg)
     if not torch.isfinite(est).all():
         scores = {s: DIVERGED_DB for s in (*cfg.data.stems, "all")}
         windows, diverged = 0, 1

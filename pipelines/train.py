@@ -91,10 +91,10 @@ def _export_best(result, run_uri: str) -> dict:
     best = min(result.best_checkpoints, key=lambda cm: cm[1].get("val_loss", np.inf))
     with best[0].as_directory() as d:
         state = load_state(f"{d}/state.ckpt")
-    from msdm.checkpoint import build_denoiser
+    from msdm.checkpoint import build_model
 
     cfg = state["config"]
-    ema = build_denoiser(cfg)
+    ema = build_model(cfg)
     ema.load_state_dict(state["ema"])
     buf = io.BytesIO()
     save(buf, cfg, ema, None, state["step"], extra={"val_loss": best[1].get("val_loss")})

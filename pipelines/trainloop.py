@@ -12,7 +12,7 @@ import time
 import numpy as np
 import torch
 
-from msdm.checkpoint import build_denoiser, load_state, save
+from msdm.checkpoint import build_model, load_state, save
 from msdm.config import Config
 from msdm.data import random_shift
 from msdm.training import make_ema, make_optimizer, train_step, validation_loss
@@ -63,7 +63,7 @@ def train_loop_per_worker(config: dict) -> None:
     if device.type == "cuda":  # the fp32 parts (optimizer, EMA, loss) may use TF32 matmuls
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    denoiser = build_denoiser(cfg).to(device)
+    denoiser = build_model(cfg).to(device)  # model.kind: U-Net denoiser or regressor
     ema = make_ema(denoiser)
     opt = make_optimizer(denoiser, cfg)
     step, history = _restore(cfg, denoiser, ema, opt, opts, device)

@@ -23,6 +23,7 @@ from msdm.config import ConfigError, config_keys
 
 from . import storage
 from .common import (
+    add_init,
     ckpt_uris,
     dry_run,
     init_ray,
@@ -88,6 +89,7 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--storage", required=True)
     p.add_argument("--name", required=True, help="sweep name; an existing name resumes")
+    add_init(p)
     return p
 
 

@@ -1,0 +1,147 @@
+"""#16: the HDemucs regressor (config, checkpoint, L1 training, one-pass separation) and --init
+refinement (the Dirac sampler started from the regressor's estimate), without Ray."""
+
+import numpy as np
+import pytest
+import torch
+
+import msdm
+from msdm.checkpoint import CheckpointError, build_model, check_size, load_checkpoint, save
+from msdm.config import ConfigError, apply_overrides, load_config
+from msdm.regressor import Regressor, project_residual
+from msdm.tasks import project
+from msdm.training import make_optimizer, train_step, validation_loss
+from pipelines import evaluate
+from pipelines.models import Separator, separation_nfe
+
+TINY_HDEMUCS = ["model.kind=hdemucs"]
+
+
+def _reg_cfg(*more):
+    return load_config("tiny", TINY_HDEMUCS + list(more))
+
+
+@pytest.fixture(scope="module")
+def reg_ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = _reg_cfg()
+    path = tmp_path_factory.mktemp("reg") / "reg.ckpt"
+    save(path, cfg, build_model(cfg))
+    return path
+
+
+def _mixtures(cfg, n=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    stems = 0.2 * torch.randn(n, len(cfg.data.stems), cfg.data.chunk_samples, generator=g)
+    return stems, stems.sum(1)  # [N, S, T], [N, T]
+
+
+def test_presets_fit_hdemucs_and_bad_shapes_name_the_keys():
+    for preset, size in (("tiny", 0.1e6), ("small", 3e6), ("paper", 100e6)):
+        cfg = load_config(preset, TINY_HDEMUCS)
+        assert check_size(cfg) < size  # each preset's regressor is sized for its machine
+    with pytest.raises(ConfigError, match="hdemucs_nfft 512 with hdemucs_depth 3"):
+        _reg_cfg("model.hdemucs_nfft=512")
+    with pytest.raises(ConfigError, match="hdemucs_depth 2"):
+        _reg_cfg("model.hdemucs_depth=2")
+    with pytest.raises(ConfigError, match="train.stem"):
+        _reg_cfg("train.stem=bass")
+    # the U-Net's length multiple does not apply: any chunk length
+    assert _reg_cfg("data.chunk_samples=4000").data.chunk_samples == 4000
+
+
+def test_regressor_checkpoint_round_trips(reg_ckpt):
+    cfg, model = load_checkpoint(reg_ckpt)
+    assert isinstance(model, Regressor) and cfg.model.kind == "hdemucs"
+    mixture = torch.randn(2, 1, cfg.data.chunk_samples) * 0.3
+    again = build_model(cfg)
+    again.load_state_dict(torch.load(reg_ckpt, weights_only=True)["model"])
+    assert model(mixture).shape == (2, 4, cfg.data.chunk_samples)
+    assert torch.equal(model(mixture), again.eval()(mixture))
+
+
+def test_l1_training_lowers_the_loss_and_validation_is_deterministic():
+    cfg = _reg_cfg("train.lr=3e-3")
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    stems, _ = _mixtures(cfg, 4)
+    opt = make_optimizer(model, cfg)
+    before = validation_loss(model, stems, cfg)
+    assert set(before) == {"val_loss"} and before == validation_loss(model, stems, cfg)
+    for step in range(8):
+        train_step(model, stems, opt, cfg, step=step)
+    assert validation_loss(model, stems, cfg)["val_loss"] < before["val_loss"]
+
+
+def test_regressor_separates_in_one_pass_and_sums_to_the_mixture(reg_ckpt):
+    cfg, model = load_checkpoint(reg_ckpt)
+    stems, mix = _mixtures(cfg)
+    sep = Separator(str(reg_ckpt), cfg)
+    est = sep(mix.numpy(), [("a", 0), ("a", 1)])
+    want = project_residual(model(mix[:, None]), mix[:, None])
+    np.testing.assert_allclose(est, want.numpy(), atol=1e-6)
+    np.testing.assert_allclose(est.sum(1), mix.numpy(), atol=1e-5)
+    assert separation_nfe(cfg) == 1
+
+
+def test_project_residual_never_moves_away_from_stems_that_sum_to_the_mixture():
+    g = torch.Generator().manual_seed(1)
+    truth = torch.randn(3, 4, 256, generator=g)
+    est = truth + torch.randn(3, 4, 256, generator=g)
+    out = project_residual(est, truth.sum(1, keepdim=True))
+    torch.testing.assert_close(out.sum(1), truth.sum(1), atol=1e-5, rtol=0)
+    assert (out - truth).norm() <= (est - truth).norm()
+
+
+def test_tiny_sigma_max_returns_the_init_projected_onto_the_mixture(tiny_unet_ckpt):
+    cfg, den = load_checkpoint(tiny_unet_ckpt)
+    stems, mix = _mixtures(cfg)
+    init = stems + 0.05 * torch.randn(stems.shape, generator=torch.Generator().manual_seed(2))
+    tiny = msdm.SamplerConfig(num_steps=3, sigma_min=1e-6, sigma_max=1e-6, s_churn=0.0,
+                              resamples=1)
+    out = msdm.separate(den, mix[:, None], 4, tiny, constrained=1, init=init,
+                        generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, project(init, mix[:, None], 1), atol=1e-4, rtol=0)
+
+
+def test_init_refinement_in_the_separator(tiny_unet_ckpt, reg_ckpt):
+    """--init: sigma_max -> 0 gives the regressor row exactly; a real sigma_max refines it, and
+    the refined stems still sum to the mixture."""
+    base, _ = load_checkpoint(tiny_unet_ckpt)
+    stems, mix = _mixtures(base)
+    keys = [("t", 0), ("t", 1)]
+    regressed = Separator(str(reg_ckpt), _reg_cfg())(mix.numpy(), keys)
+    near = apply_overrides(base, {"separation.init": str(reg_ckpt), "sampler.sigma_max": 1e-6,
+                                  "sampler.sigma_min": 1e-6, "sampler.s_churn": 0.0})
+    out = Separator(str(tiny_unet_ckpt), near)(mix.numpy(), keys)
+    np.testing.assert_allclose(out, regressed, atol=1e-4)
+    refine = apply_overrides(base, {"separation.init": str(reg_ckpt), "sampler.sigma_max": 0.3})
+    sep = Separator(str(tiny_unet_ckpt), refine)
+    out = sep(mix.numpy(), keys)
+    assert np.abs(out - regressed).max() > 1e-2  # the sampler moved it
+    np.testing.assert_allclose(out.sum(1), mix.numpy(), atol=1e-5)
+    plain = Separator(str(tiny_unet_ckpt), apply_overrides(refine, {"separation.init": ""}))
+    assert sep.init is not None and plain.init is None
+    assert separation_nfe(refine) == separation_nfe(plain.cfg) + 1
+
+
+def test_missing_or_mismatched_init_fails_in_the_driver(tiny_unet_ckpt, reg_ckpt, tmp_path):
+    def run(init):  # fails in resolve_config, before the data is read or Ray starts
+        evaluate.main(["--ckpt", str(tiny_unet_ckpt), "--data", str(tmp_path / "none"),
+                       "--output", str(tmp_path / "out"), "--init", str(init)])
+
+    with pytest.raises(CheckpointError, match="--init .*missing.ckpt.*not found"):
+        run(tmp_path / "missing.ckpt")
+    with pytest.raises(CheckpointError, match="needs a regressor"):
+        run(tiny_unet_ckpt)
+    for override, match in (("data.stems=[bass,drums,vocals,piano]", "data.stems"),
+                            ("data.sample_rate=16000", "data.sample_rate 16000 differs")):
+        cfg = _reg_cfg(override)
+        path = tmp_path / f"{override.split('=')[0]}.ckpt"
+        save(path, cfg, build_model(cfg))
+        with pytest.raises(CheckpointError, match=match):
+            run(path)
+    with pytest.raises(CheckpointError, match="itself a regressor"):
+        evaluate.main(["--ckpt", str(reg_ckpt), "--data", str(tmp_path), "--output",
+                       str(tmp_path / "o"), "--init", str(reg_ckpt)])
+    assert not (tmp_path / "out").exists()
