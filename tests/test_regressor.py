@@ -148,23 +148,21 @@ def test_missing_or_mismatched_init_fails_in_the_driver(tiny_unet_ckpt, reg_ckpt
 
 
 @pytest.mark.slow
-def test_hdemucs_trains_with_ray_and_evaluate_scores_it_and_its_refinement(
-        synth_prepared, tiny_unet_ckpt, tmp_path):
+def test_hdemucs_trains_with_ray_and_evaluate_scores_it(synth_prepared, tmp_path):
+    """The regressor row: pipelines.train with --set model.kind=hdemucs (a 2-step Ray Train
+    fit), its exported checkpoint round-trips, and evaluate scores it at NFE 1. (--init goes
+    through the same Separator, tested above without Ray.)"""
     from pipelines import train
 
     data = str(synth_prepared / "prepared")
     out = train.main(["--data", data, "--storage", str(tmp_path / "runs"), "--name", "reg",
-                      "--config", "tiny", "--set", "model.kind=hdemucs", "--max-steps", "4",
-                      "--set", "train.checkpoint_every=2", "--set", "train.val_every=2",
-                      "--set", "train.log_every=2"])
-    assert out["step"] in (2, 4) and np.isfinite(out["val_loss"])
+                      "--config", "tiny", "--set", "model.kind=hdemucs", "--max-steps", "2"])
+    assert out["step"] == 2 and np.isfinite(out["val_loss"])
     ckpt = tmp_path / "runs" / "reg" / "model.ckpt"
     cfg, model = load_checkpoint(ckpt)  # the exported EMA weights load as a regressor
-    assert isinstance(model, Regressor) and cfg.train.max_steps == 4
-    common = ["--data", data, "--max-chunks", "12", "--batch-size", "6"]
-    reg = evaluate.main(["--ckpt", str(ckpt), "--output", str(tmp_path / "ev"), *common])
+    assert isinstance(model, Regressor) and cfg.train.max_steps == 2
+    mixture = torch.randn(1, 1, cfg.data.chunk_samples) * 0.1
+    assert torch.isfinite(model(mixture)).all()
+    reg = evaluate.main(["--ckpt", str(ckpt), "--output", str(tmp_path / "ev"), "--data", data,
+                         "--max-chunks", "12", "--batch-size", "6"])
     assert reg["nfe"] == 1 and reg["windows"] > 0 and np.isfinite(reg["si_sdri"]["all"])
-    refined = evaluate.main(["--ckpt", str(tiny_unet_ckpt), "--init", str(ckpt), "--output",
-                             str(tmp_path / "ev2"), "--set", "sampler.num_steps=4", *common])
-    assert refined["nfe"] == 4 + 1 and refined["windows"] == reg["windows"]
-    assert refined["configs"][0]["separation"]["init"] == str(ckpt)
