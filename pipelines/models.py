@@ -15,7 +15,13 @@ import zlib
 import numpy as np
 import torch
 
-from msdm.checkpoint import CheckpointError, check_size, load_checkpoint, load_factorized, load_state
+from msdm.checkpoint import (
+    CheckpointError,
+    check_size,
+    load_checkpoint,
+    load_factorized,
+    load_state,
+)
 from msdm.config import Config
 from msdm.regressor import project_residual
 from msdm.sampling import nfe

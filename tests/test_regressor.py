@@ -147,6 +147,22 @@ def test_missing_or_mismatched_init_fails_in_the_driver(tiny_unet_ckpt, reg_ckpt
     assert not (tmp_path / "out").exists()
 
 
+def test_separate_and_tune_check_init_in_the_driver(tiny_unet_ckpt, tmp_path):
+    from pathlib import Path
+
+    from pipelines import separate, tune
+
+    space = Path(__file__).resolve().parents[1] / "tune_spaces" / "refine.yaml"
+    missing = str(tmp_path / "missing.ckpt")
+    with pytest.raises(CheckpointError, match="--init .*missing.ckpt"):
+        separate.main(["--ckpt", str(tiny_unet_ckpt), "--input", str(tmp_path), "--output",
+                       str(tmp_path / "stems"), "--init", missing])
+    with pytest.raises(CheckpointError, match="--init .*missing.ckpt"):
+        tune.main(["--ckpt", str(tiny_unet_ckpt), "--data", str(tmp_path), "--space",
+                   str(space), "--storage", str(tmp_path / "sw"), "--name", "n", "--init",
+                   missing])
+
+
 @pytest.mark.slow
 def test_hdemucs_trains_with_ray_and_evaluate_scores_it(synth_prepared, tmp_path):
     """The regressor row: pipelines.train with --set model.kind=hdemucs (a 2-step Ray Train
@@ -166,3 +182,15 @@ def test_hdemucs_trains_with_ray_and_evaluate_scores_it(synth_prepared, tmp_path
     reg = evaluate.main(["--ckpt", str(ckpt), "--output", str(tmp_path / "ev"), "--data", data,
                          "--max-chunks", "12", "--batch-size", "6"])
     assert reg["nfe"] == 1 and reg["windows"] > 0 and np.isfinite(reg["si_sdri"]["all"])
+
+
+def test_every_regressor_parameter_gets_a_gradient():
+    """DDP (pipelines.train with several workers) needs every parameter in the loss."""
+    cfg = _reg_cfg()
+    model = build_model(cfg)
+    stems, _ = _mixtures(cfg)
+    from msdm.regressor import regression_loss
+
+    regression_loss(model, stems).mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing
