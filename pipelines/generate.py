@@ -39,6 +39,9 @@ def main(argv=None) -> list[dict]:
     args = build_parser().parse_args(argv)
     ckpt = parse_ckpt(args.ckpt)
     base, _ = load_model(ckpt)  # a bad checkpoint fails here, before Ray starts
+    if base.model.kind == "hdemucs":
+        raise SystemExit(f"--ckpt {ckpt} is a regressor (model.kind hdemucs): it only "
+                         "separates; generate needs a diffusion checkpoint")
     cfg = resolve_config(args, base=base)
     given = {}
     for g in args.given:

@@ -20,12 +20,11 @@ from msdm.audio import (
     write_audio,
 )
 from msdm.config import Config
-from msdm.sampling import nfe
 
 from . import storage
 from .catalog import output_paths
 from .common import peak_rss_mb, private_mb
-from .models import Separator
+from .models import Separator, separation_nfe
 
 
 def decode_segments(item: dict, sample_rate: int, segment: int, margin: float,
@@ -130,7 +129,7 @@ class AssembleTrack:
             buf = io.BytesIO()
             write_audio(buf, stems[i], rate, self.fmt, self.subtype)
             storage.write_bytes(paths[stem], buf.getvalue())
-        k = nfe(cfg.sampler)
+        k = separation_nfe(cfg)  # 1 for a regressor, + 1 with --init
         power = float(np.sum(mixture.astype(np.float64) ** 2)) + 1e-20
         return {"outputs": paths, "duration_s": t / rate, "sample_rate": rate,
                 "segments": plan.num_segments, "nfe_per_segment": k, "nfe": k * plan.num_segments,

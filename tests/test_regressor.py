@@ -84,6 +84,21 @@ def test_regressor_separates_in_one_pass_and_sums_to_the_mixture(reg_ckpt):
     assert separation_nfe(cfg) == 1
 
 
+def test_separate_stage_and_generate_take_the_regressor(reg_ckpt, tmp_path):
+    from pipelines import generate
+    from pipelines.segments import SeparateSegments
+
+    cfg = _reg_cfg()
+    _, mix = _mixtures(cfg)
+    batch = {"key": np.array(["a", "a"], dtype=object), "seg": np.array([0, 1]),
+             "error": np.array(["", ""], dtype=object), "mixture": mix.numpy()}
+    out = SeparateSegments(str(reg_ckpt), cfg.to_dict())(batch)
+    assert out["stems"].shape == (2, 4, cfg.data.chunk_samples) and not any(out["error"])
+    np.testing.assert_allclose(out["stems"].sum(1), mix.numpy(), atol=1e-5)
+    with pytest.raises(SystemExit, match="regressor"):
+        generate.main(["--ckpt", str(reg_ckpt), "--output", str(tmp_path / "gen")])
+
+
 def test_project_residual_never_moves_away_from_stems_that_sum_to_the_mixture():
     g = torch.Generator().manual_seed(1)
     truth = torch.randn(3, 4, 256, generator=g)
