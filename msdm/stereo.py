@@ -1,0 +1,65 @@
+"""Multichannel, full-band stems from a mono model-rate separation: soft time-frequency masks.
+
+The model separates the mid signal at its own rate. Each input channel c is then split by
+Wiener-style masks M_n = |S_n|^p / sum_m |S_m|^p built from the separated stems S_n (STFT at the
+output rate): Y_{n,c} = iSTFT(M_n * X_c). The masks sum to one in every bin, so the stems sum
+to each channel exactly; zeros stay zeros and identical channels give identical stems. Bins above
+the model's band reuse the mask of its top band (stems extend the model's band edge).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+TOP_BAND = (0.7, 0.9)  # fractions of the model's Nyquist frequency that define its top band
+
+
+def stft_size(length: int, n_fft: int = 2048) -> int:
+    """The FFT size for a window: n_fft, or a smaller power of two for short windows."""
+    while n_fft > 16 and n_fft > length // 2:
+        n_fft //= 2
+    return n_fft
+
+
+def soft_masks(stems: torch.Tensor, power: float, cutoff_bin: int | None = None,
+               top_band: tuple[int, int] | None = None) -> torch.Tensor:
+    """Masks [S, F, N] from stem spectra [S, F, N]: |S_n|^p normalised over stems (uniform
+    where every stem is zero); bins >= cutoff_bin take the mask of bins top_band[0]:[1]."""
+    a = stems.abs() ** power  # [S, F, N]
+    if cutoff_bin is not None and cutoff_bin < a.shape[1]:
+        lo, hi = top_band
+        a[:, cutoff_bin:] = a[:, lo:hi].mean(dim=1, keepdim=True)
+    total = a.sum(0, keepdim=True)
+    masks = torch.where(total > 0, a / total.clamp_min(1e-30),
+                        torch.full_like(a, 1.0 / a.shape[0]))
+    return masks
+
+
+def mask_split(window: np.ndarray, stems: np.ndarray, rate: int, model_rate: int,
+               power: float = 1.0, n_fft: int = 2048) -> np.ndarray:
+    """Split each channel of window [C, T] (at `rate`) into stems [S, C, T] by soft masks from
+    the model's stems [S, T] (already at `rate`, band-limited to model_rate / 2)."""
+    assert window.ndim == 2 and stems.ndim == 2 and stems.shape[-1] == window.shape[-1], \
+        (window.shape, stems.shape)
+    length = window.shape[-1]
+    n_fft = stft_size(length, n_fft)
+    hop, win = n_fft // 4, torch.hann_window(n_fft)
+
+    def stft(x):
+        x = torch.from_numpy(np.ascontiguousarray(x, np.float32))
+        return torch.stft(x, n_fft, hop, window=win, center=True, return_complex=True)
+
+    spec_x, spec_s = stft(window), stft(stems)  # [C, F, N], [S, F, N]
+    bins = spec_x.shape[1]
+    nyq = model_rate / 2
+    cutoff = top = None
+    if nyq < rate / 2:  # the output band reaches above the model's
+        hz = rate / n_fft
+        cutoff = min(bins, int(TOP_BAND[1] * nyq / hz))
+        top = (int(TOP_BAND[0] * nyq / hz), max(cutoff, int(TOP_BAND[0] * nyq / hz) + 1))
+    masks = soft_masks(spec_s, power, cutoff, top)  # [S, F, N]
+    spec = masks[:, None] * spec_x[None]  # [S, C, F, N]
+    out = torch.istft(spec.reshape(-1, *spec.shape[-2:]), n_fft, hop, window=win, center=True,
+                      length=length)
+    return out.reshape(stems.shape[0], window.shape[0], length).numpy()
