@@ -8,6 +8,7 @@ Dirac-separated stems still sum to the mixture (the demucs overlap-add, plus Apo
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
-import torchaudio.functional as AF
+import torchaudio.transforms as AT
 
 AUDIO_FORMATS = ("wav", "flac", "ogg", "mp3", "aiff", "aif", "au", "w64")  # soundfile decodes
 AUDIO_EXTENSIONS = tuple(f".{f}" for f in AUDIO_FORMATS)
@@ -60,11 +61,18 @@ def resample(x, orig_sr: int, new_sr: int):
     t = torch.from_numpy(np.ascontiguousarray(x)) if is_np else x
     rows = t.float().reshape(-1, t.shape[-1])
     # one row at a time: measured faster than one batched conv on CPU, and less peak memory
-    out = torch.stack([AF.resample(r, int(orig_sr), int(new_sr), lowpass_filter_width=16,
-                                   rolloff=0.95, resampling_method="sinc_interp_kaiser",
-                                   beta=14.77) for r in rows])
+    kernel = _kernel(int(orig_sr), int(new_sr))
+    with torch.no_grad():
+        out = torch.stack([kernel(r) for r in rows])
     out = out.reshape(*t.shape[:-1], out.shape[-1])
     return out.numpy() if is_np else out
+
+
+@functools.lru_cache(maxsize=16)
+def _kernel(orig_sr: int, new_sr: int) -> AT.Resample:
+    """The sinc kernel for a rate pair, computed once (segments resample many short windows)."""
+    return AT.Resample(orig_sr, new_sr, lowpass_filter_width=16, rolloff=0.95,
+                       resampling_method="sinc_interp_kaiser", beta=14.77)
 
 
 def write_audio(target, x: np.ndarray, sample_rate: int, fmt: str = "wav",
