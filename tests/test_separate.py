@@ -246,18 +246,22 @@ def _ancestors(pid: int) -> list[int]:
     return out
 
 
-def _rss_mb(pid: int) -> float:
+def _rss_mb(pid: int) -> tuple[float, float]:
+    """(RSS, RSS without shared memory) in MB. The shared part is Ray's object store, one
+    mapping shared by every process, bounded by the store's size, not by a track's length."""
+    kb = {}
     try:
         for line in open(f"/proc/{pid}/status"):
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
+            if line.startswith(("VmRSS:", "RssShmem:")):
+                kb[line.split(":")[0]] = int(line.split()[1])
     except OSError:
         pass
-    return 0.0
+    rss = kb.get("VmRSS", 0) / 1024
+    return rss, rss - kb.get("RssShmem", 0) / 1024
 
 
-def _peak_rss_while(fn) -> dict[int, float]:
-    """Peak RSS (MB) of every process of the job, sampled every 50 ms while fn() runs."""
+def _peak_rss_while(fn) -> dict[int, np.ndarray]:
+    """Peak (RSS, RSS - shared) in MB of every process of the job, sampled while fn() runs."""
     import threading
 
     peaks: dict[int, float] = {}
@@ -266,7 +270,7 @@ def _peak_rss_while(fn) -> dict[int, float]:
     def sample():
         while not stop.is_set():
             for pid in _job_pids():
-                peaks[pid] = max(peaks.get(pid, 0.0), _rss_mb(pid))
+                peaks[pid] = np.maximum(peaks.get(pid, 0.0), _rss_mb(pid))
             stop.wait(0.05)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -277,6 +281,14 @@ def _peak_rss_while(fn) -> dict[int, float]:
         stop.set()
         thread.join()
     return peaks
+
+
+def _name(pid: int) -> str:
+    try:
+        cmd = open(f"/proc/{pid}/cmdline", "rb").read()[:40].replace(b"\0", b" ")
+        return f"{pid}:" + cmd.decode(errors="replace").strip()
+    except OSError:
+        return str(pid)
 
 
 def _write_long(path, seconds, sr=44100):
@@ -302,8 +314,10 @@ def test_memory_of_every_process_is_flat_in_track_length(ray_local, tmp_path, ti
                                  "--set", "data.chunk_samples=32768", "--batch-size", "4"])
             assert res["manifest"][str(src / f"{name}.wav")]["status"] == "ok"
         peaks[name] = _peak_rss_while(run)
-    print({n: sorted(round(v) for v in p.values())[-6:] for n, p in peaks.items()})
-    short, long = max(peaks["short"].values()), max(peaks["long"].values())
+    for n, p in peaks.items():
+        print(n, {_name(pid): v.round().tolist() for pid, v in sorted(p.items(),
+                                                                       key=lambda kv: -kv[1][0])})
+    short, long = (max(v[1] for v in peaks[n].values()) for n in ("short", "long"))
     assert len(peaks["long"]) >= 3  # the driver and at least two Ray workers were seen
     assert long <= 1.25 * short, (short, long)
 
