@@ -1,0 +1,170 @@
+"""Cost of the stereo + full-band step of `pipelines.separate`: per-channel SI-SDRi of the
+stereo stems at 44.1 kHz next to the mono model-rate SI-SDRi, same checkpoint, same model calls.
+
+    python benchmarks/bench_stereo.py [--train-steps 1500 --train-minutes 12 --songs 3 --steps 20]
+
+Songs come from `pipelines.songs` (bass, drums, guitar, piano only; drums are full band), each
+stem panned with constant power to its own random position per song. The `small` preset is
+trained briefly in-process (or --ckpt reuses one). Each test song is decoded twice (mono at the
+model rate; stereo at 44.1 kHz): the model segments and seeds are identical, the model runs once,
+and only the channel split differs. Scores: SI-SDRi over the whole song per stem, stems silent
+in a song are skipped; stereo rows are the mean over the two channels, full band.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from msdm.audio import resample
+from msdm.checkpoint import build_denoiser, save
+from msdm.config import apply_overrides, load_config
+from msdm.metrics import si_sdri
+from msdm.training import make_ema, make_optimizer, train_step
+from pipelines.assemble import Assembler
+from pipelines.segments import SeparateSegments, decode_segments, split_segments
+from pipelines.songs import SR, make_song, render
+
+STEMS = ("bass", "drums", "guitar", "piano")
+
+
+def song_stems(seed: int, seconds: float) -> np.ndarray:
+    """[4, T] mono stems at 44.1 kHz (guitar2 joins guitar; other instruments are left out)."""
+    audio = render(make_song(seed, seconds))
+    n = int(seconds * SR)
+    out = np.zeros((4, n))
+    for role, x in audio.items():
+        name = "guitar" if role == "guitar2" else role
+        if name in STEMS:
+            out[STEMS.index(name)] += x
+    return out / max(np.abs(out.sum(0)).max(), 1e-6) * 0.5
+
+
+def pan(stems: np.ndarray, rng) -> np.ndarray:
+    """[4, T] -> [4, 2, T]: constant-power pan, one random position per stem."""
+    theta = rng.uniform(0.1, 0.9, len(stems)) * np.pi / 2
+    return np.stack([np.cos(theta)[:, None] * stems, np.sin(theta)[:, None] * stems], 1) * 2**0.5
+
+
+def train(cfg, steps: int, seconds: float, path: Path, minutes: float) -> None:
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    data = np.concatenate([resample(song_stems(1000 + i, seconds).astype(np.float32), SR,
+                                    cfg.data.sample_rate) for i in range(24)], -1)
+    den = build_denoiser(cfg)
+    ema, opt = make_ema(den), make_optimizer(den, cfg)
+    n, b = cfg.data.chunk_samples, cfg.train.batch_size
+    t0 = time.time()
+    for step in range(steps):
+        if time.time() - t0 > 60 * minutes:
+            break
+        starts = rng.integers(0, data.shape[-1] - n, b)
+        x = torch.from_numpy(np.stack([data[:, s : s + n] for s in starts]))
+        loss = train_step(den, x, opt, cfg, ema=ema)
+        if step % 100 == 0:
+            print(f"  step {step} loss {loss:.4f} ({time.time() - t0:.0f} s)", flush=True)
+    print(f"  trained {step + 1} steps in {time.time() - t0:.0f} s")
+    save(path, cfg, den, ema, step=step + 1)
+
+
+def separate_song(path: Path, key: str, cfg, ckpt: Path, out: Path, powers) -> dict:
+    """{variant: stems [S, C, T]} for the mono model-rate path and the stereo path(s)."""
+    item = {"input": str(path), "key": key, "track": key, "parent": "x"}
+    args = (cfg.data.sample_rate, cfg.data.chunk_samples, cfg.separation.margin,
+            cfg.separation.overlap)
+    rows = {"mono": list(decode_segments(item, *args, str(cfg.data.sample_rate), "mono")),
+            "stereo": list(decode_segments(item, *args))}
+    assert all(np.array_equal(a["mixture"], b["mixture"]) for a, b in zip(*rows.values()))
+    model = SeparateSegments(str(ckpt), cfg.to_dict())
+    stems = []
+    for i in range(0, len(rows["stereo"]), 8):
+        part = rows["stereo"][i : i + 8]
+        batch = {k: np.array([r[k] for r in part]) for k in ("key", "seg", "error", "mixture")}
+        stems += list(model({**batch, "key": batch["key"].astype(object)})["stems"])
+    variants = [("mono", "mono", 1.0)] + [(f"stereo p={p:g}", "stereo", p) for p in powers]
+    result = {}
+    for name, kind, p in variants:
+        asm = Assembler(cfg, str(out / name.replace(" ", "_")), "{track}/{stem}.{ext}", "wav",
+                        "FLOAT", "bench", list(STEMS))
+        for r, s in zip(rows[kind], stems):
+            batch = {k: np.array([v], dtype=object if k in ("key", "item", "plan", "error")
+                                 else None) for k, v in r.items() if k != "mixture"}
+            batch.update(stems=s[None], model_s=np.zeros(1), actor_private_mb=np.zeros(1))
+            split = split_segments(batch, power=p)
+            done = asm.add({k: v[0] for k, v in split.items()})
+        assert done and done["status"] == "ok", done
+        result[name] = np.stack([sf.read(done["outputs"][s], dtype="float32",
+                                         always_2d=True)[0].T for s in STEMS])
+    return result
+
+
+def score(est: np.ndarray, ref: np.ndarray, mix: np.ndarray) -> np.ndarray:
+    """SI-SDRi per stem [S] (NaN for a silent reference), mean over channels."""
+    e, r = torch.from_numpy(est).double(), torch.from_numpy(ref).double()
+    m = torch.from_numpy(mix).double()[None]
+    val = si_sdri(e, r, m.expand_as(r)).numpy().mean(-1)  # [S, C] -> [S]
+    silent = (ref**2).sum((-1, -2)) < 1e-8 * (mix**2).sum()
+    return np.where(silent, np.nan, val)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--ckpt", default=None, help="reuse a `small` checkpoint")
+    ap.add_argument("--train-steps", type=int, default=1500)
+    ap.add_argument("--train-minutes", type=float, default=12.0, help="stop training earlier")
+    ap.add_argument("--songs", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=12.0)
+    ap.add_argument("--steps", type=int, default=20, help="sampler steps")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    work = Path(args.out or tempfile.mkdtemp(prefix="bench-stereo-"))
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = load_config("small", [f"sampler.num_steps={args.steps}", "sampler.resamples=1",
+                                "sampler.s_churn=1.0"])
+    ckpt = Path(args.ckpt) if args.ckpt else work / "small.ckpt"
+    if not ckpt.exists():
+        print(f"training `small` for {args.train_steps} steps -> {ckpt}")
+        train(cfg, args.train_steps, 20.0, ckpt, args.train_minutes)
+    cfg = apply_overrides(cfg, [])
+    rng = np.random.default_rng(7)
+    scores: dict[str, list] = {}
+    for k in range(args.songs):
+        stems = song_stems(5000 + k, args.seconds)  # [S, T], 44.1 kHz
+        stereo = pan(stems, rng)  # [S, 2, T]
+        path = work / f"song{k}.wav"
+        sf.write(path, stereo.sum(0).T.astype(np.float32), SR, subtype="FLOAT")
+        est = separate_song(path, f"song{k}", cfg, ckpt, work / "out", (1.0, 2.0))
+        mid = resample(stereo.mean(1).astype(np.float32), SR, cfg.data.sample_rate)
+        scores.setdefault("mono", []).append(score(est["mono"], mid[:, None], mid.sum(0)[None]))
+        for name in est:
+            if name != "mono":
+                scores.setdefault(name, []).append(score(est[name], stereo, stereo.sum(0)))
+        print(f"  song {k}: " + ", ".join(f"{n} {np.nanmean(v[-1]):.2f}"
+                                          for n, v in scores.items()), flush=True)
+    print(f"\n{args.songs} songs x {args.seconds:g} s, `small` ({ckpt.name}), Euler "
+          f"{args.steps} x 1; SI-SDRi in dB\n")
+    print("| path | " + " | ".join(STEMS) + " | all |\n|---|" + "---|" * (len(STEMS) + 1))
+    table = {}
+    for name, rows in scores.items():
+        per = np.nanmean(np.stack(rows), 0)
+        table[name] = {"stems": per.tolist(), "all": float(np.nanmean(np.stack(rows)))}
+        label = ("mono mid, model rate" if name == "mono" else
+                 f"stereo per channel, 44.1 kHz full band ({name.split()[1]})")
+        print(f"| {label} | " + " | ".join(f"{v:.2f}" for v in per)
+              + f" | {table[name]['all']:.2f} |")
+    for name in table:
+        if name != "mono":
+            print(f"cost of {name}: {table['mono']['all'] - table[name]['all']:.2f} dB")
+    (work / "results.json").write_text(json.dumps(table, indent=2))
+
+
+if __name__ == "__main__":
+    main()
