@@ -21,11 +21,17 @@ from .catalog import output_paths
 from .common import peak_rss_mb
 
 
-def output_names(stems, subset=None, two_stems=None) -> list[str]:
-    """Stem files to write: all stems, a subset, or (two-stems) STEM and no_STEM."""
+def output_names(stems, subset: str | None = None, two_stems: str | None = None) -> list[str]:
+    """Stem files to write: all stems, a comma-separated subset, or STEM and no_STEM."""
+    if subset and two_stems:
+        raise ValueError("--stems and --two-stems exclude each other")
+    chosen = [s.strip() for s in (subset or "").split(",") if s.strip()]
+    for s in chosen + ([two_stems] if two_stems else []):
+        if s not in stems:
+            raise ValueError(f"unknown stem {s!r}: the checkpoint has {', '.join(stems)}")
     if two_stems:
         return [two_stems, f"no_{two_stems}"]
-    return list(subset) if subset else list(stems)
+    return chosen or list(stems)
 
 
 class TrackWriter:

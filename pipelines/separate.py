@@ -27,10 +27,10 @@ from .assemble import Assembler, output_names
 from .catalog import (
     ManifestWriter,
     check_template,
-    existing_files,
     list_inputs,
     output_paths,
     read_manifest,
+    settle,
 )
 from .common import dry_run, init_ray, log, parse_ckpt, parser, resolve_config
 from .models import load_model
@@ -90,7 +90,10 @@ def main(argv=None) -> dict:
     ckpt = parse_ckpt(args.ckpt)
     base, _ = load_model(ckpt)  # a bad checkpoint fails here, before Ray starts
     cfg = resolve_config(args, base, [args.sampler_config] if args.sampler_config else [])
-    names = _names(cfg.data.stems, args)
+    try:
+        names = output_names(cfg.data.stems, args.stems, args.two_stems)
+    except ValueError as e:
+        sys.exit(str(e))
     items = list_inputs(args.input)
     if dry_run(cfg, args, {"inputs": len(items), "subtype": subtype, "outputs": names}):
         return {}
@@ -101,21 +104,8 @@ def main(argv=None) -> dict:
     manifest, problems = read_manifest(args.output)
     for p in problems:
         log(f"manifest: {p}")
-    writer, have = ManifestWriter(args.output), existing_files(args.output)
-    todo, done_rows = [], []
-    for it in items:
-        try:
-            paths = output_paths(it, names, args.output, args.filename, args.format)
-        except ValueError as e:
-            done_rows.append({"input": it["input"], "key": it["key"], "status": "failed",
-                              "error": str(e), "outputs": {}, "time": time.time()})
-            continue
-        if all(storage.get_fs(p)[1] in have for p in paths.values()):
-            old = manifest.get(it["input"], {})
-            done_rows.append({**old, "input": it["input"], "key": it["key"], "outputs": paths,
-                              "status": "skipped", "error": "", "time": time.time()})
-        else:
-            todo.append(it)
+    writer = ManifestWriter(args.output)
+    todo, done_rows = settle(items, names, args.output, args.filename, args.format, manifest)
     writer.append(done_rows)
     log(f"separate: {len(items)} inputs, {len(items) - len(todo)} settled, {len(todo)} to do "
         f"-> {args.output} (NFE per segment {nfe(cfg.sampler)}, {args.actors} actor(s))")
@@ -138,16 +128,6 @@ def main(argv=None) -> dict:
         raise SystemExit(f"separate: every input failed ({len(rows)}); see "
                          f"{storage.join(args.output, '_manifest.jsonl')}")
     return {"counts": counts, "manifest": manifest}
-
-
-def _names(stems, args) -> list[str]:
-    if args.stems and args.two_stems:
-        sys.exit("--stems and --two-stems exclude each other")
-    subset = [s.strip() for s in args.stems.split(",") if s.strip()] if args.stems else None
-    for s in (subset or []) + ([args.two_stems] if args.two_stems else []):
-        if s not in stems:
-            sys.exit(f"unknown stem {s!r}: the checkpoint has {', '.join(stems)}")
-    return output_names(stems, subset, args.two_stems)
 
 
 def _run(ray, args, ckpt, cfg, subtype, names, todo):
