@@ -143,6 +143,7 @@ class Assembler:
         for k in ("decode_rss_mb", "actor_private_mb", "split_rss_mb"):
             st["stats"][k] = max(st["stats"].get(k, 0.0), float(row[k]))
         st["pending"][int(row["seg"])] = (row["stems"], row["window"])
+        st["stats"]["max_pending"] = max(st["stats"].get("max_pending", 0), len(st["pending"]))
         writer = st["writer"]
         while writer.next in st["pending"]:
             writer.add(writer.next, *st["pending"].pop(writer.next))
