@@ -23,7 +23,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from msdm.audio import resample
+from msdm.audio import SegmentPlan, resample
 from msdm.checkpoint import build_denoiser, save
 from msdm.config import apply_overrides, load_config
 from msdm.metrics import si_sdri
@@ -74,30 +74,56 @@ def train(cfg, steps: int, seconds: float, path: Path, minutes: float) -> None:
     save(path, cfg, den, ema, step=step + 1)
 
 
-def separate_song(path: Path, key: str, cfg, ckpt: Path, out: Path, powers) -> dict:
-    """{variant: stems [S, C, T]} for the mono model-rate path and the stereo path(s)."""
+def leaky_oracle(mid: np.ndarray, rows: list[dict], leak: float) -> list[np.ndarray]:
+    """Model stand-in with a known error: per segment, the true model-rate mid stems with a
+    fraction `leak` of every stem spread over the others (the sum stays the mixture, as with
+    Dirac separation)."""
+    out = []
+    for r in rows:
+        plan = json.loads(r["plan"])
+        seg = SegmentPlan(plan["num_samples"], plan["segment"], plan["margin"], plan["overlap"])
+        start = seg.start(int(r["seg"])) * plan["model_rate"] // plan["rate"]
+        true = _span(mid, start, len(r["mixture"]))  # [S, segment]
+        others = (true.sum(0, keepdims=True) - true) / (len(true) - 1)
+        out.append(((1 - leak) * true + leak * others).astype(np.float32))
+    return out
+
+
+def _span(x: np.ndarray, start: int, n: int) -> np.ndarray:
+    out = np.zeros(x.shape[:-1] + (n,), np.float32)
+    lo, hi = max(start, 0), min(start + n, x.shape[-1])
+    if hi > lo:
+        out[..., lo - start : hi - start] = x[..., lo:hi]
+    return out
+
+
+def separate_song(path: Path, key: str, cfg, ckpt: Path, out: Path, powers, oracle=None,
+                  leak: float = 0.0) -> dict:
+    """{variant: stems [S, C, T]} for the mono model-rate path and the stereo path(s); with
+    `oracle` (true model-rate mid stems [S, T]) the model is replaced by `leaky_oracle`."""
     item = {"input": str(path), "key": key, "track": key, "parent": "x"}
     args = (cfg.data.sample_rate, cfg.data.chunk_samples, cfg.separation.margin,
             cfg.separation.overlap)
     rows = {"mono": list(decode_segments(item, *args, str(cfg.data.sample_rate), "mono")),
             "stereo": list(decode_segments(item, *args))}
     assert all(np.array_equal(a["mixture"], b["mixture"]) for a, b in zip(*rows.values()))
-    model = SeparateSegments(str(ckpt), cfg.to_dict())
-    stems = []
-    for i in range(0, len(rows["stereo"]), 8):
+    model = SeparateSegments(str(ckpt), cfg.to_dict()) if oracle is None else None
+    stems = [] if oracle is None else leaky_oracle(oracle, rows["stereo"], leak)
+    for i in range(0, len(rows["stereo"]) if oracle is None else 0, 8):
         part = rows["stereo"][i : i + 8]
         batch = {k: np.array([r[k] for r in part]) for k in ("key", "seg", "error", "mixture")}
         stems += list(model({**batch, "key": batch["key"].astype(object)})["stems"])
-    variants = [("mono", "mono", 1.0)] + [(f"stereo p={p:g}", "stereo", p) for p in powers]
+    variants = [("mono", "mono", 1.0, "mask")] + [
+        (f"{m} p={p:g}", "stereo", p, m) for m in ("mask", "transfer") for p in powers]
     result = {}
-    for name, kind, p in variants:
+    for name, kind, p, method in variants:
         asm = Assembler(cfg, str(out / name.replace(" ", "_")), "{track}/{stem}.{ext}", "wav",
                         "FLOAT", "bench", list(STEMS))
         for r, s in zip(rows[kind], stems):
             batch = {k: np.array([v], dtype=object if k in ("key", "item", "plan", "error")
                                  else None) for k, v in r.items() if k != "mixture"}
             batch.update(stems=s[None], model_s=np.zeros(1), actor_private_mb=np.zeros(1))
-            split = split_segments(batch, power=p)
+            split = split_segments(batch, power=p, method=method)
             done = asm.add({k: v[0] for k, v in split.items()})
         assert done and done["status"] == "ok", done
         result[name] = np.stack([sf.read(done["outputs"][s], dtype="float32",
@@ -123,6 +149,8 @@ def main(argv=None):
     ap.add_argument("--seconds", type=float, default=12.0)
     ap.add_argument("--steps", type=int, default=20, help="sampler steps")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--leaks", default="0.2,0.4",
+                    help="also score a leaky oracle in place of the model (fractions)")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     work = Path(args.out or tempfile.mkdtemp(prefix="bench-stereo-"))
@@ -135,34 +163,42 @@ def main(argv=None):
         train(cfg, args.train_steps, 20.0, ckpt, args.train_minutes)
     cfg = apply_overrides(cfg, [])
     rng = np.random.default_rng(7)
-    scores: dict[str, list] = {}
+    models = [("model", None)] + [(f"oracle leak {x}", float(x)) for x in args.leaks.split(",")
+                                  if x]
+    scores: dict[str, dict[str, list]] = {m: {} for m, _ in models}
     for k in range(args.songs):
         stems = song_stems(5000 + k, args.seconds)  # [S, T], 44.1 kHz
         stereo = pan(stems, rng)  # [S, 2, T]
         path = work / f"song{k}.wav"
         sf.write(path, stereo.sum(0).T.astype(np.float32), SR, subtype="FLOAT")
-        est = separate_song(path, f"song{k}", cfg, ckpt, work / "out", (1.0, 2.0))
         mid = resample(stereo.mean(1).astype(np.float32), SR, cfg.data.sample_rate)
-        scores.setdefault("mono", []).append(score(est["mono"], mid[:, None], mid.sum(0)[None]))
-        for name in est:
-            if name != "mono":
-                scores.setdefault(name, []).append(score(est[name], stereo, stereo.sum(0)))
-        print(f"  song {k}: " + ", ".join(f"{n} {np.nanmean(v[-1]):.2f}"
-                                          for n, v in scores.items()), flush=True)
+        for m, leak in models:
+            est = separate_song(path, f"song{k}", cfg, ckpt, work / "out" / m.replace(" ", "_"),
+                                (1.0, 2.0), None if leak is None else mid, leak or 0.0)
+            sc = scores[m]
+            sc.setdefault("mono", []).append(score(est["mono"], mid[:, None], mid.sum(0)[None]))
+            for name in est:
+                if name != "mono":
+                    sc.setdefault(name, []).append(score(est[name], stereo, stereo.sum(0)))
+            print(f"  song {k} {m}: " + ", ".join(f"{n} {np.nanmean(v[-1]):.2f}"
+                                                 for n, v in sc.items()), flush=True)
     print(f"\n{args.songs} songs x {args.seconds:g} s, `small` ({ckpt.name}), Euler "
           f"{args.steps} x 1; SI-SDRi in dB\n")
-    print("| path | " + " | ".join(STEMS) + " | all |\n|---|" + "---|" * (len(STEMS) + 1))
+    print("| separator | path | " + " | ".join(STEMS) + " | all |\n|---|---|"
+          + "---|" * (len(STEMS) + 1))
     table = {}
-    for name, rows in scores.items():
-        per = np.nanmean(np.stack(rows), 0)
-        table[name] = {"stems": per.tolist(), "all": float(np.nanmean(np.stack(rows)))}
-        label = ("mono mid, model rate" if name == "mono" else
-                 f"stereo per channel, 44.1 kHz full band ({name.split()[1]})")
-        print(f"| {label} | " + " | ".join(f"{v:.2f}" for v in per)
-              + f" | {table[name]['all']:.2f} |")
-    for name in table:
-        if name != "mono":
-            print(f"cost of {name}: {table['mono']['all'] - table[name]['all']:.2f} dB")
+    for m, sc in scores.items():
+        for name, rows in sc.items():
+            per = np.nanmean(np.stack(rows), 0)
+            table[f"{m} / {name}"] = {"stems": per.tolist(), "all": float(np.nanmean(per))}
+            label = ("mono mid, model rate" if name == "mono" else
+                     f"stereo per channel, 44.1 kHz full band ({name})")
+            print(f"| {m} | {label} | " + " | ".join(f"{v:.2f}" for v in per)
+                  + f" | {np.nanmean(per):.2f} |")
+    for key in table:
+        if not key.endswith("/ mono"):
+            ref = table[key.split(" / ")[0] + " / mono"]["all"]
+            print(f"cost of {key}: {ref - table[key]['all']:.2f} dB")
     (work / "results.json").write_text(json.dumps(table, indent=2))
 
 

@@ -37,9 +37,14 @@ def soft_masks(stems: torch.Tensor, power: float, cutoff_bin: int | None = None,
 
 
 def mask_split(window: np.ndarray, stems: np.ndarray, rate: int, model_rate: int,
-               power: float = 1.0, n_fft: int = 2048) -> np.ndarray:
-    """Split each channel of window [C, T] (at `rate`) into stems [S, C, T] by soft masks from
-    the model's stems [S, T] (already at `rate`, band-limited to model_rate / 2)."""
+               power: float = 1.0, n_fft: int = 2048, method: str = "transfer") -> np.ndarray:
+    """Split each channel of window [C, T] (at `rate`) into stems [S, C, T] from the model's
+    stems [S, T] (already at `rate`, band-limited to model_rate / 2).
+
+    method "mask": Y_nc = M_n X_c. method "transfer": Y_nc = r_c S_n + M_n (X_c - r_c D) with
+    D = sum_n S_n (the model's mid) and r_c = X_c D* / (|D|^2 + eps) the per-bin gain from the
+    mid to channel c: a source panned alone in a bin keeps the model's estimate (times its
+    gain), what the mid does not explain is split by the masks. Both sum to X_c exactly."""
     assert window.ndim == 2 and stems.ndim == 2 and stems.shape[-1] == window.shape[-1], \
         (window.shape, stems.shape)
     length = window.shape[-1]
@@ -59,7 +64,17 @@ def mask_split(window: np.ndarray, stems: np.ndarray, rate: int, model_rate: int
         cutoff = min(bins, int(TOP_BAND[1] * nyq / hz))
         top = (int(TOP_BAND[0] * nyq / hz), max(cutoff, int(TOP_BAND[0] * nyq / hz) + 1))
     masks = soft_masks(spec_s, power, cutoff, top)  # [S, F, N]
-    spec = masks[:, None] * spec_x[None]  # [S, C, F, N]
+    if method == "mask":
+        spec = masks[:, None] * spec_x[None]  # [S, C, F, N]
+    elif method == "transfer":
+        mid = spec_s.sum(0)  # [F, N]
+        power_mid = mid.abs() ** 2
+        eps = 1e-4 * power_mid.mean(0, keepdim=True) + 1e-20  # per frame: quiet bins -> masks
+        gain = spec_x * mid.conj() / (power_mid + eps)  # [C, F, N]
+        rest = spec_x - gain * mid  # [C, F, N]
+        spec = gain[None] * spec_s[:, None] + masks[:, None] * rest[None]
+    else:
+        raise ValueError(f"unknown channel split method {method!r}")
     out = torch.istft(spec.reshape(-1, *spec.shape[-2:]), n_fft, hop, window=win, center=True,
                       length=length)
     return out.reshape(stems.shape[0], window.shape[0], length).numpy()

@@ -94,7 +94,7 @@ class SeparateSegments:
         return out
 
 
-def split_segments(batch: dict, power: float = 1.0) -> dict:
+def split_segments(batch: dict, power: float = 1.0, method: str = "transfer") -> dict:
     """CPU stage: model-rate stems [S, segment] -> output-rate stems [S, C, seg_out] of each
     segment: upsampled (mono), or soft masks from them applied to every channel of `window`."""
     n = len(batch["key"])
@@ -104,7 +104,7 @@ def split_segments(batch: dict, power: float = 1.0) -> dict:
         if not errors[i]:
             try:
                 out = _split_one(batch["stems"][i], batch["window"][i],
-                                 json.loads(batch["plan"][i]), power)
+                                 json.loads(batch["plan"][i]), power, method)
             except Exception as e:  # noqa: BLE001 - this segment's failure
                 errors[i] = f"channel split failed on segment {batch['seg'][i]}: {e}"
         stems.append(out)
@@ -115,12 +115,13 @@ def split_segments(batch: dict, power: float = 1.0) -> dict:
     return result
 
 
-def _split_one(stems: np.ndarray, window: np.ndarray, plan: dict, power: float) -> np.ndarray:
+def _split_one(stems: np.ndarray, window: np.ndarray, plan: dict, power: float,
+               method: str) -> np.ndarray:
     up = resample(stems, plan["model_rate"], plan["rate"])[:, : window.shape[-1]]  # [S, T]
     up = np.pad(up, ((0, 0), (0, window.shape[-1] - up.shape[-1])))
     if plan["mono"]:
         return up[:, None]
-    return mask_split(window, up, plan["rate"], plan["model_rate"], power)
+    return mask_split(window, up, plan["rate"], plan["model_rate"], power, method=method)
 
 
 def _column(arrays: list[np.ndarray]):
