@@ -266,14 +266,15 @@ class RatePlan:
                                self.segment * self.in_rate / self.model_rate))
         return start - self.pad, start + length + self.pad
 
-    def split(self, window: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def split(self, window: np.ndarray, per_channel: bool = False):
         """Input window [C, hi - lo] -> (output-rate window [C, seg_out], model-rate mid
-        [segment]), both cut from the resampled padded window at the segment's start."""
+        [segment], or every channel [C, segment] with per_channel), both cut from the
+        resampled padded window at the segment's start."""
         def cut(x, rate, n):
             y = resample(x, self.in_rate, rate)
             off = self.pad * rate // self.in_rate
             y = y[..., off : off + n]
             return np.pad(y, [(0, 0)] * (y.ndim - 1) + [(0, n - y.shape[-1])])
 
-        mid = cut(to_mono(window), self.model_rate, self.segment)
+        mid = cut(window if per_channel else to_mono(window), self.model_rate, self.segment)
         return cut(window, self.out_rate, self.out.segment), mid

@@ -45,7 +45,7 @@ def mask_split(window: np.ndarray, stems: np.ndarray, rate: int, model_rate: int
     D = sum_n S_n (the model's mid) and r_c = X_c D* / (|D|^2 + eps) the per-bin gain from the
     mid to channel c: a source panned alone in a bin keeps the model's estimate (times its
     gain), what the mid does not explain is split by the masks. Both sum to X_c exactly."""
-    assert window.ndim == 2 and stems.ndim == 2 and stems.shape[-1] == window.shape[-1], \
+    assert window.ndim == 2 and stems.ndim in (2, 3) and stems.shape[-1] == window.shape[-1], \
         (window.shape, stems.shape)
     length = window.shape[-1]
     n_fft = stft_size(length, n_fft)
@@ -55,7 +55,7 @@ def mask_split(window: np.ndarray, stems: np.ndarray, rate: int, model_rate: int
         x = torch.from_numpy(np.ascontiguousarray(x, np.float32))
         return torch.stft(x, n_fft, hop, window=win, center=True, return_complex=True)
 
-    spec_x, spec_s = stft(window), stft(stems)  # [C, F, N], [S, F, N]
+    spec_x, spec_s = stft(window), stft(stems.reshape(-1, length))  # [C, F, N], [S(C), F, N]
     bins = spec_x.shape[1]
     nyq = model_rate / 2
     cutoff = top = None
@@ -63,6 +63,13 @@ def mask_split(window: np.ndarray, stems: np.ndarray, rate: int, model_rate: int
         hz = rate / n_fft
         cutoff = min(bins, int(TOP_BAND[1] * nyq / hz))
         top = (int(TOP_BAND[0] * nyq / hz), max(cutoff, int(TOP_BAND[0] * nyq / hz) + 1))
+    if stems.ndim == 3:  # one separation per channel: [S, C, T]
+        spec_s = spec_s.reshape(*stems.shape[:2], *spec_s.shape[-2:])  # [S, C, F, N]
+        spec = torch.stack([_blend(spec_s[:, c], spec_x[c], power, cutoff, top)
+                            for c in range(window.shape[0])], 1)
+        out = torch.istft(spec.reshape(-1, *spec.shape[-2:]), n_fft, hop, window=win,
+                          center=True, length=length)
+        return out.reshape(stems.shape[0], window.shape[0], length).numpy()
     masks = soft_masks(spec_s, power, cutoff, top)  # [S, F, N]
     if method == "mask":
         spec = masks[:, None] * spec_x[None]  # [S, C, F, N]
@@ -78,3 +85,13 @@ def mask_split(window: np.ndarray, stems: np.ndarray, rate: int, model_rate: int
     out = torch.istft(spec.reshape(-1, *spec.shape[-2:]), n_fft, hop, window=win, center=True,
                       length=length)
     return out.reshape(stems.shape[0], window.shape[0], length).numpy()
+
+
+def _blend(est: torch.Tensor, x: torch.Tensor, power: float, cutoff, top) -> torch.Tensor:
+    """One channel: its own separated stems est [S, F, N] where they explain the channel x
+    [F, N], soft masks for the rest: Y_n = w S_n + M_n (X - w sum S), w = min(1, |X| / sum |S_n|)
+    per bin, so bins where the stems cancel (|X| << sum |S_n|, e.g. silence) follow the masks
+    and stay zero where X is zero. Above the model's band S = 0 and the masks take over."""
+    w = (x.abs() / (est.abs().sum(0) + 1e-20)).clamp(max=1.0)  # [F, N]
+    masks = soft_masks(est, power, cutoff, top)
+    return w * est + masks * (x - w * est.sum(0))

@@ -19,11 +19,12 @@ from .models import Separator
 
 
 def decode_segments(item: dict, sample_rate: int, segment: int, margin: float, overlap: float,
-                    out_rate: str = "original", channels: str = "original"):
+                    out_rate: str = "original", channels: str = "original",
+                    method: str = "channels"):
     """CPU stage (flat_map generator): read the track block by block and yield one row per
-    segment: the model-rate mid segment `mixture` [segment] and the output-rate `window`
-    [C, seg_out] of the same span (C = 1 for --channels mono). A failure yields a row with
-    `error` (after any segments already yielded)."""
+    segment: the model-rate `mixture` (every channel [C, segment] for method "channels", else
+    the mid [segment]) and the output-rate `window` [C, seg_out] of the same span (C = 1 for
+    --channels mono). A failure yields a row with `error` (after any segments yielded)."""
     t0 = time.time()
     base = {"key": item["key"], "item": json.dumps(item), "t0": t0, "error": ""}
     seg = -1
@@ -46,7 +47,7 @@ def decode_segments(item: dict, sample_rate: int, segment: int, margin: float, o
                 window = reader.window(*plan.in_span(seg))
                 if channels == "mono":
                     window = window.mean(axis=0, keepdims=True, dtype=np.float32)
-                window, mid = plan.split(window)
+                window, mid = plan.split(window, method == "channels" and channels != "mono")
                 yield {**base, "seg": seg, "num_segments": plan.num_segments, "plan": info,
                        "mixture": mid, "window": window, "decode_rss_mb": peak_rss_mb()}
     except Exception as e:  # noqa: BLE001 - one input's failure is that input's row
@@ -73,25 +74,49 @@ class SeparateSegments:
     def __call__(self, batch: dict) -> dict:
         t0 = time.time()
         errors = [str(e) for e in batch["error"]]
-        n, length = len(errors), batch["mixture"].shape[-1]
-        stems = np.zeros((n, len(self.separator.cfg.data.stems), length), np.float32)
+        n, num_stems = len(errors), len(self.separator.cfg.data.stems)
+        # every channel of a segment is one model item, all with the segment's seed (shared
+        # noise): identical channels give identical stems
+        mixes = [np.asarray(batch["mixture"][i], np.float32) for i in range(n)]
+        stems = [np.zeros((num_stems,) + m.shape, np.float32) for m in mixes]  # [S, (C,) T]
         todo = [i for i in range(n) if not errors[i]]
         keys = [(batch["key"][i], int(batch["seg"][i])) for i in range(n)]
         try:
             if todo:
-                stems[todo] = self.separator(batch["mixture"][todo], [keys[i] for i in todo])
+                self._separate(todo, mixes, keys, stems)
         except Exception:  # noqa: BLE001 - retry item by item to find the bad one
             for i in todo:
                 try:
-                    stems[i] = self.separator(batch["mixture"][i : i + 1], [keys[i]])[0]
+                    self._separate([i], mixes, keys, stems)
                 except Exception as e:  # noqa: BLE001
                     errors[i] = f"model failed on segment {keys[i][1]}: {type(e).__name__}: {e}"
         out = {k: v for k, v in batch.items() if k not in ("mixture", "error")}
-        out.update(stems=stems, error=np.array(errors, dtype=object),
+        out.update(stems=_column(stems), error=np.array(errors, dtype=object),
                    model_s=np.full(n, (time.time() - t0) / max(n, 1)))
         self.peak_private = max(self.peak_private, private_mb())
         out["actor_private_mb"] = np.full(n, self.peak_private)
         return out
+
+
+    def _separate(self, rows, mixes, keys, stems) -> None:
+        items, same = [], {}  # a channel equal to an earlier one is separated once
+        for i in rows:
+            m = np.atleast_2d(mixes[i])
+            for c in range(len(m)):
+                twin = next((d for d in range(c) if np.array_equal(m[d], m[c])), None)
+                if twin is None:
+                    items.append((i, c))
+                else:
+                    same[(i, c)] = (i, twin)
+        mix = np.stack([np.atleast_2d(mixes[i])[c] for i, c in items])
+        est = self.separator(mix, [keys[i] for i, _ in items])  # [B', S, T]
+        for (i, c), e in zip(items, est):
+            if mixes[i].ndim == 1:
+                stems[i] = e
+            else:
+                stems[i][:, c] = e
+        for (i, c), (_, d) in same.items():
+            stems[i][:, c] = stems[i][:, d]
 
 
 def split_segments(batch: dict, power: float = 1.0, method: str = "transfer") -> dict:
@@ -104,7 +129,7 @@ def split_segments(batch: dict, power: float = 1.0, method: str = "transfer") ->
         if not errors[i]:
             try:
                 out = _split_one(batch["stems"][i], batch["window"][i],
-                                 json.loads(batch["plan"][i]), power, method)
+                                 json.loads(batch["plan"][i]), power, method)  # [S, C, T]
             except Exception as e:  # noqa: BLE001 - this segment's failure
                 errors[i] = f"channel split failed on segment {batch['seg'][i]}: {e}"
         stems.append(out)
@@ -117,8 +142,8 @@ def split_segments(batch: dict, power: float = 1.0, method: str = "transfer") ->
 
 def _split_one(stems: np.ndarray, window: np.ndarray, plan: dict, power: float,
                method: str) -> np.ndarray:
-    up = resample(stems, plan["model_rate"], plan["rate"])[:, : window.shape[-1]]  # [S, T]
-    up = np.pad(up, ((0, 0), (0, window.shape[-1] - up.shape[-1])))
+    up = resample(stems, plan["model_rate"], plan["rate"])[..., : window.shape[-1]]
+    up = np.pad(up, [(0, 0)] * (up.ndim - 1) + [(0, window.shape[-1] - up.shape[-1])])
     if plan["mono"]:
         return up[:, None]
     return mask_split(window, up, plan["rate"], plan["model_rate"], power, method=method)

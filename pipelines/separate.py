@@ -58,6 +58,9 @@ def build_parser():
     p.add_argument("--stems", default=None, help="comma-separated subset of stems to write")
     p.add_argument("--two-stems", default=None, metavar="STEM",
                    help="write STEM and no_STEM (= mixture - STEM)")
+    p.add_argument("--stereo", choices=("channels", "transfer", "mask"), default="channels",
+                   help="channels: the model separates every channel (shared noise), masks "
+                        "above its band; transfer / mask: the model separates the mid only")
     p.add_argument("--mask-power", type=float, default=1.0,
                    help="soft-mask exponent p in |S_n|^p / sum |S_m|^p")
     p.add_argument("--actors", type=int, default=1, help="model replicas")
@@ -145,7 +148,7 @@ def _run(ray, args, ckpt, cfg, subtype, names, todo):
     ds = ds.flat_map(decode_segments, fn_kwargs={
         "sample_rate": cfg.data.sample_rate, "segment": cfg.data.chunk_samples,
         "margin": cfg.separation.margin, "overlap": cfg.separation.overlap,
-        "out_rate": args.sample_rate, "channels": args.channels})
+        "out_rate": args.sample_rate, "channels": args.channels, "method": args.stereo})
     ds = ds.map_batches(
         SeparateSegments, batch_size=args.batch_size, batch_format="numpy",
         fn_constructor_kwargs={"ckpt": ckpt, "cfg": cfg.to_dict(),
@@ -154,7 +157,7 @@ def _run(ray, args, ckpt, cfg, subtype, names, todo):
     split = {} if args.split_tasks is None else {
         "compute": ray.data.TaskPoolStrategy(size=args.split_tasks)}
     ds = ds.map_batches(split_segments, batch_size=2, batch_format="numpy",
-                        fn_kwargs={"power": args.mask_power}, **split)
+                        fn_kwargs={"power": args.mask_power, "method": args.stereo}, **split)
     assembler = Assembler(cfg, args.output, args.filename, args.format, subtype, str(ckpt),
                           names)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
