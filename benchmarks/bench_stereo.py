@@ -7,8 +7,11 @@ Songs come from `pipelines.songs` (bass, drums, guitar, piano only; drums are fu
 stem panned with constant power to its own random position per song. The `small` preset is
 trained briefly in-process (or --ckpt reuses one). Each test song is decoded twice (mono at the
 model rate; stereo at 44.1 kHz): the model segments and seeds are identical, the model runs once,
-and only the channel split differs. Scores: SI-SDRi over the whole song per stem, stems silent
-in a song are skipped; stereo rows are the mean over the two channels, full band.
+and only the channel split differs (the `channels` method separates each channel: its own model
+calls). A leaky oracle (true model-rate stems with a known cross-talk) stands in for a good
+model, since a briefly trained model's stems are poor. Scores: SI-SDRi over the whole song per
+stem, stems silent in a song are skipped; stereo rows are the mean over the two channels, at
+44.1 kHz over the full band, plus `channels` at the model rate (the stereo step alone).
 """
 
 from __future__ import annotations
@@ -74,18 +77,18 @@ def train(cfg, steps: int, seconds: float, path: Path, minutes: float) -> None:
     save(path, cfg, den, ema, step=step + 1)
 
 
-def leaky_oracle(mid: np.ndarray, rows: list[dict], leak: float) -> list[np.ndarray]:
-    """Model stand-in with a known error: per segment, the true model-rate mid stems with a
-    fraction `leak` of every stem spread over the others (the sum stays the mixture, as with
-    Dirac separation)."""
+def leaky_oracle(true: np.ndarray, rows: list[dict], leak: float) -> list[np.ndarray]:
+    """Model stand-in with a known error: per segment, the true model-rate stems true [S, (C,) T]
+    with a fraction `leak` of every stem spread over the others (the sum stays the mixture,
+    as with Dirac separation)."""
     out = []
     for r in rows:
         plan = json.loads(r["plan"])
         seg = SegmentPlan(plan["num_samples"], plan["segment"], plan["margin"], plan["overlap"])
         start = seg.start(int(r["seg"])) * plan["model_rate"] // plan["rate"]
-        true = _span(mid, start, len(r["mixture"]))  # [S, segment]
-        others = (true.sum(0, keepdims=True) - true) / (len(true) - 1)
-        out.append(((1 - leak) * true + leak * others).astype(np.float32))
+        part = _span(true, start, r["mixture"].shape[-1])  # [S, (C,) segment]
+        others = (part.sum(0, keepdims=True) - part) / (len(part) - 1)
+        out.append(((1 - leak) * part + leak * others).astype(np.float32))
     return out
 
 
@@ -97,29 +100,46 @@ def _span(x: np.ndarray, start: int, n: int) -> np.ndarray:
     return out
 
 
-def separate_song(path: Path, key: str, cfg, ckpt: Path, out: Path, powers, oracle=None,
+def separate_song(path: Path, key: str, cfg, ckpt: Path, out: Path, truth=None,
                   leak: float = 0.0) -> dict:
-    """{variant: stems [S, C, T]} for the mono model-rate path and the stereo path(s); with
-    `oracle` (true model-rate mid stems [S, T]) the model is replaced by `leaky_oracle`."""
+    """{variant: stems [S, C, T]}: the mono model-rate path and the stereo paths. The mid is
+    separated once for mono / mask / transfer, every channel once for `channels`; with
+    truth = (mid stems [S, T], channel stems [S, C, T]) at the model rate, a leaky oracle
+    replaces the model."""
     item = {"input": str(path), "key": key, "track": key, "parent": "x"}
     args = (cfg.data.sample_rate, cfg.data.chunk_samples, cfg.separation.margin,
             cfg.separation.overlap)
     rows = {"mono": list(decode_segments(item, *args, str(cfg.data.sample_rate), "mono")),
-            "stereo": list(decode_segments(item, *args))}
-    assert all(np.array_equal(a["mixture"], b["mixture"]) for a, b in zip(*rows.values()))
-    model = SeparateSegments(str(ckpt), cfg.to_dict()) if oracle is None else None
-    stems = [] if oracle is None else leaky_oracle(oracle, rows["stereo"], leak)
-    for i in range(0, len(rows["stereo"]) if oracle is None else 0, 8):
-        part = rows["stereo"][i : i + 8]
-        batch = {k: np.array([r[k] for r in part]) for k in ("key", "seg", "error", "mixture")}
-        stems += list(model({**batch, "key": batch["key"].astype(object)})["stems"])
-    variants = [("mono", "mono", 1.0, "mask")] + [
-        (f"{m} p={p:g}", "stereo", p, m) for m in ("mask", "transfer") for p in powers]
+            "mid": list(decode_segments(item, *args, method="mask")),
+            "channels": list(decode_segments(item, *args, method="channels")),
+            "chan_lo": list(decode_segments(item, *args, str(cfg.data.sample_rate),
+                                            method="channels"))}
+    assert all(np.array_equal(a["mixture"], b["mixture"]) for a, b in zip(rows["mono"],
+                                                                         rows["mid"]))
+    model = SeparateSegments(str(ckpt), cfg.to_dict()) if truth is None else None
+    stems = {}
+    for kind, t in (("mid", None if truth is None else truth[0]),
+                    ("channels", None if truth is None else truth[1])):
+        if t is not None:
+            stems[kind] = leaky_oracle(t, rows[kind], leak)
+            continue
+        stems[kind] = []
+        for i in range(0, len(rows[kind]), 8):
+            part = rows[kind][i : i + 8]
+            batch = {k: np.array([r[k] for r in part]) for k in ("key", "seg", "error",
+                                                                 "mixture")}
+            batch["key"] = batch["key"].astype(object)
+            stems[kind] += list(model(batch)["stems"])
+    variants = [("mono", "mono", "mid", 1.0, "mask"), ("mask p=1", "mid", "mid", 1.0, "mask"),
+                ("mask p=2", "mid", "mid", 2.0, "mask"),
+                ("transfer", "mid", "mid", 1.0, "transfer"),
+                ("channels", "channels", "channels", 1.0, "channels"),
+                ("channels, model rate", "chan_lo", "channels", 1.0, "channels")]
     result = {}
-    for name, kind, p, method in variants:
+    for name, kind, source, p, method in variants:
         asm = Assembler(cfg, str(out / name.replace(" ", "_")), "{track}/{stem}.{ext}", "wav",
                         "FLOAT", "bench", list(STEMS))
-        for r, s in zip(rows[kind], stems):
+        for r, s in zip(rows[kind], stems[source]):
             batch = {k: np.array([v], dtype=object if k in ("key", "item", "plan", "error")
                                  else None) for k, v in r.items() if k != "mixture"}
             batch.update(stems=s[None], model_s=np.zeros(1), actor_private_mb=np.zeros(1))
@@ -142,29 +162,34 @@ def score(est: np.ndarray, ref: np.ndarray, mix: np.ndarray) -> np.ndarray:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--ckpt", default=None, help="reuse a `small` checkpoint")
+    ap.add_argument("--ckpt", default=None, help="reuse a checkpoint of --config")
+    ap.add_argument("--config", default="small", help="preset (its rate sets the model band)")
     ap.add_argument("--train-steps", type=int, default=1500)
     ap.add_argument("--train-minutes", type=float, default=12.0, help="stop training earlier")
     ap.add_argument("--songs", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=12.0)
     ap.add_argument("--steps", type=int, default=20, help="sampler steps")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--leaks", default="0.2,0.4",
+    ap.add_argument("--skip-model", action="store_true", help="score the leaky oracles only")
+    ap.add_argument("--leaks", default="0.1,0.3",
                     help="also score a leaky oracle in place of the model (fractions)")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     work = Path(args.out or tempfile.mkdtemp(prefix="bench-stereo-"))
     work.mkdir(parents=True, exist_ok=True)
-    cfg = load_config("small", [f"sampler.num_steps={args.steps}", "sampler.resamples=1",
+    cfg = load_config(args.config, [f"sampler.num_steps={args.steps}", "sampler.resamples=1",
                                 "sampler.s_churn=1.0"])
-    ckpt = Path(args.ckpt) if args.ckpt else work / "small.ckpt"
-    if not ckpt.exists():
-        print(f"training `small` for {args.train_steps} steps -> {ckpt}")
+    ckpt = Path(args.ckpt) if args.ckpt else work / f"{args.config}.ckpt"
+    if not ckpt.exists() and args.skip_model:
+        save(ckpt, cfg, build_denoiser(cfg))  # only its config is used
+    elif not ckpt.exists():
+        print(f"training `{args.config}` for {args.train_steps} steps -> {ckpt}")
         train(cfg, args.train_steps, 20.0, ckpt, args.train_minutes)
     cfg = apply_overrides(cfg, [])
     rng = np.random.default_rng(7)
-    models = [("model", None)] + [(f"oracle leak {x}", float(x)) for x in args.leaks.split(",")
-                                  if x]
+    leaks = [float(x) for x in args.leaks.split(",") if x]
+    models = [("model", None)] * (not args.skip_model) + [(f"oracle leak {x:g}", x)
+                                                          for x in leaks]
     scores: dict[str, dict[str, list]] = {m: {} for m, _ in models}
     for k in range(args.songs):
         stems = song_stems(5000 + k, args.seconds)  # [S, T], 44.1 kHz
@@ -172,18 +197,21 @@ def main(argv=None):
         path = work / f"song{k}.wav"
         sf.write(path, stereo.sum(0).T.astype(np.float32), SR, subtype="FLOAT")
         mid = resample(stereo.mean(1).astype(np.float32), SR, cfg.data.sample_rate)
+        chans = resample(stereo.astype(np.float32), SR, cfg.data.sample_rate)
         for m, leak in models:
             est = separate_song(path, f"song{k}", cfg, ckpt, work / "out" / m.replace(" ", "_"),
-                                (1.0, 2.0), None if leak is None else mid, leak or 0.0)
+                                None if leak is None else (mid, chans), leak or 0.0)
             sc = scores[m]
             sc.setdefault("mono", []).append(score(est["mono"], mid[:, None], mid.sum(0)[None]))
             for name in est:
-                if name != "mono":
+                if name == "channels, model rate":
+                    sc.setdefault(name, []).append(score(est[name], chans, chans.sum(0)))
+                elif name != "mono":
                     sc.setdefault(name, []).append(score(est[name], stereo, stereo.sum(0)))
             print(f"  song {k} {m}: " + ", ".join(f"{n} {np.nanmean(v[-1]):.2f}"
                                                  for n, v in sc.items()), flush=True)
-    print(f"\n{args.songs} songs x {args.seconds:g} s, `small` ({ckpt.name}), Euler "
-          f"{args.steps} x 1; SI-SDRi in dB\n")
+    print(f"\n{args.songs} songs x {args.seconds:g} s, `{args.config}` preset "
+          f"({cfg.data.sample_rate} Hz), Euler {args.steps} x 1; SI-SDRi in dB\n")
     print("| separator | path | " + " | ".join(STEMS) + " | all |\n|---|---|"
           + "---|" * (len(STEMS) + 1))
     table = {}
@@ -192,6 +220,7 @@ def main(argv=None):
             per = np.nanmean(np.stack(rows), 0)
             table[f"{m} / {name}"] = {"stems": per.tolist(), "all": float(np.nanmean(per))}
             label = ("mono mid, model rate" if name == "mono" else
+                     "stereo per channel, model rate (channels)" if "model rate" in name else
                      f"stereo per channel, 44.1 kHz full band ({name})")
             print(f"| {m} | {label} | " + " | ".join(f"{v:.2f}" for v in per)
                   + f" | {np.nanmean(per):.2f} |")

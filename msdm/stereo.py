@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+CANCEL = 1e-3  # channels: stems that cancel to below this fraction of their sum follow the masks
 TOP_BAND = (0.7, 0.9)  # fractions of the model's Nyquist frequency that define its top band
 
 
@@ -88,10 +89,10 @@ def mask_split(window: np.ndarray, stems: np.ndarray, rate: int, model_rate: int
 
 
 def _blend(est: torch.Tensor, x: torch.Tensor, power: float, cutoff, top) -> torch.Tensor:
-    """One channel: its own separated stems est [S, F, N] where they explain the channel x
-    [F, N], soft masks for the rest: Y_n = w S_n + M_n (X - w sum S), w = min(1, |X| / sum |S_n|)
-    per bin, so bins where the stems cancel (|X| << sum |S_n|, e.g. silence) follow the masks
-    and stay zero where X is zero. Above the model's band S = 0 and the masks take over."""
-    w = (x.abs() / (est.abs().sum(0) + 1e-20)).clamp(max=1.0)  # [F, N]
+    """One channel: its own separated stems est [S, F, N], plus soft masks for what they miss:
+    Y_n = w S_n + M_n (X - w sum S), w = min(1, |X| / (CANCEL sum |S_n|)) per bin, so only bins
+    where the stems cancel (silence: X = 0) follow the masks, and stay zero where X is zero.
+    Above the model's band S = 0 and the masks take over."""
+    w = (x.abs() / (CANCEL * est.abs().sum(0) + 1e-20)).clamp(max=1.0)  # [F, N]
     masks = soft_masks(est, power, cutoff, top)
     return w * est + masks * (x - w * est.sum(0))
