@@ -48,14 +48,18 @@ def plain_loop(ckpt: Path, files: list[Path], out: Path, batch: int) -> float:
         x, sr = read_audio(f)
         plan = RatePlan.build(x.shape[-1], sr, sr, cfg.data.sample_rate, cfg.data.chunk_samples,
                               cfg.separation.margin, cfg.separation.overlap)
-        windows, mids = zip(*(plan.split(extract_segment(x, _in_plan(plan), j))
-                              for j in range(plan.num_segments)))
+        windows, mixes = zip(*(plan.split(extract_segment(x, _in_plan(plan), j), True)
+                               for j in range(plan.num_segments)))  # [C, seg_out], [C, N]
+        c = x.shape[0]
         outs = []
-        for i in range(0, len(mids), batch):
-            keys = [(f.stem, j) for j in range(i, min(i + batch, len(mids)))]
-            for k, stems in enumerate(separator(np.stack(mids[i : i + batch]), keys)):
-                up = resample(stems, cfg.data.sample_rate, sr)[:, : plan.out.segment]
-                outs.append(mask_split(windows[i + k], up, sr, cfg.data.sample_rate))
+        for i in range(0, len(mixes), batch):
+            part = np.concatenate(mixes[i : i + batch])  # every channel, the segment's seed
+            keys = [(f.stem, j) for j in range(i, i + len(part) // c) for _ in range(c)]
+            est = separator(part, keys).reshape(-1, c, len(cfg.data.stems), part.shape[-1])
+            for k, stems in enumerate(est.transpose(0, 2, 1, 3)):  # [S, C, N]
+                up = resample(stems, cfg.data.sample_rate, sr)[..., : plan.out.segment]
+                outs.append(mask_split(windows[i + k], up, sr, cfg.data.sample_rate,
+                                       method="channels"))
         stems = overlap_add(outs, plan.out)  # [S, C, T]
         for k, s in enumerate(cfg.data.stems):
             write_audio(out / f"{f.stem}_{s}.wav", stems[k], sr)
