@@ -43,6 +43,7 @@ class TrackWriter:
         self.acc = np.zeros((len(stems) + 1, channels, plan.segment), np.float32)  # + mixture
         self.pos, self.next = plan.start(0), 0
         self.energy = np.zeros((2, channels))  # mixture, residual per channel
+        self.peak = 0.0  # PCM subtypes clip written stems above 1
         self.tmps, self.files = {}, {}
         for name, uri in paths.items():
             if storage.is_remote(uri):
@@ -72,7 +73,9 @@ class TrackWriter:
             mix, total = block[-1], block[:-1].sum(0)
             self.energy += [np.sum(mix**2, -1), np.sum((mix - total) ** 2, -1)]
             for name, f in self.files.items():
-                f.write(self._select(name, block).T.astype(np.float32))
+                out = self._select(name, block).T.astype(np.float32)
+                self.peak = max(self.peak, float(np.abs(out).max()))
+                f.write(out)
         self.acc = np.roll(self.acc, -n, axis=-1)
         self.acc[:, :, -n:] = 0
         self.pos += n
@@ -170,8 +173,9 @@ class Assembler:
         row.update(outputs=writer.paths, duration_s=plan["num_samples"] / plan["rate"],
                    sample_rate=plan["rate"], channels=writer.acc.shape[1], segments=n,
                    nfe_per_segment=k, nfe=k * n, model_s=st["model_s"],
-                   residual_db=max(writer.residual_db()), residual_db_per_channel=writer.
-                   residual_db(), assemble_rss_mb=peak_rss_mb(), **st["stats"])
+                   residual_db=max(writer.residual_db()), peak=writer.peak,
+                   residual_db_per_channel=writer.residual_db(), assemble_rss_mb=peak_rss_mb(),
+                   **st["stats"])
         return row
 
     def finish(self) -> list[dict]:
