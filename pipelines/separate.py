@@ -7,9 +7,9 @@
 
 --input is a folder (recursive), a glob, a .txt/.jsonl manifest or one file; any format soundfile
 decodes (MP3 where libsndfile does), any rate and channel count. Tracks are decoded in blocks and
-cut into segments; the model separates the mid signal on an actor pool; soft masks from its stems
-split every input channel over the full band at the output rate; the driver cross-fades segments
-into OUTPUT/{track}/{stem}.{ext} as they arrive, plus OUTPUT/_manifest.jsonl (status ok / failed /
+cut into segments; the model separates every channel (shared noise) on an actor pool; CPU tasks
+complete the stems over the full band at the output rate (soft masks above the model's band, see
+msdm/stereo.py); the driver cross-fades segments into OUTPUT/{track}/{stem}.{ext} as they arrive, plus OUTPUT/_manifest.jsonl (status ok / failed /
 skipped per input). One streaming pipeline; the models load once. A re-run skips finished tracks;
 files are written then renamed, so a partial output never appears. Bad files are reported, not
 fatal. Manifest rows are saved every --wave-size finished tracks.
