@@ -8,6 +8,7 @@ Dirac-separated stems still sum to the mixture (the demucs overlap-add, plus Apo
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
-import torchaudio.functional as AF
+import torchaudio.transforms as AT
 
 AUDIO_FORMATS = ("wav", "flac", "ogg", "mp3", "aiff", "aif", "au", "w64")  # soundfile decodes
 AUDIO_EXTENSIONS = tuple(f".{f}" for f in AUDIO_FORMATS)
@@ -60,11 +61,18 @@ def resample(x, orig_sr: int, new_sr: int):
     t = torch.from_numpy(np.ascontiguousarray(x)) if is_np else x
     rows = t.float().reshape(-1, t.shape[-1])
     # one row at a time: measured faster than one batched conv on CPU, and less peak memory
-    out = torch.stack([AF.resample(r, int(orig_sr), int(new_sr), lowpass_filter_width=16,
-                                   rolloff=0.95, resampling_method="sinc_interp_kaiser",
-                                   beta=14.77) for r in rows])
+    kernel = _kernel(int(orig_sr), int(new_sr))
+    with torch.no_grad():
+        out = torch.stack([kernel(r) for r in rows])
     out = out.reshape(*t.shape[:-1], out.shape[-1])
     return out.numpy() if is_np else out
+
+
+@functools.lru_cache(maxsize=16)
+def _kernel(orig_sr: int, new_sr: int) -> AT.Resample:
+    """The sinc kernel for a rate pair, computed once (segments resample many short windows)."""
+    return AT.Resample(orig_sr, new_sr, lowpass_filter_width=16, rolloff=0.95,
+                       resampling_method="sinc_interp_kaiser", beta=14.77)
 
 
 def write_audio(target, x: np.ndarray, sample_rate: int, fmt: str = "wav",
@@ -163,3 +171,110 @@ def overlap_add(segments, plan: SegmentPlan) -> np.ndarray:
     if out is None:
         raise ValueError("overlap_add got no segments")
     return out
+
+
+def open_audio(source, name: str | None = None) -> sf.SoundFile:
+    """Open a file path or a seekable file object for block reads (no samples decoded yet)."""
+    name = name or str(source)
+    try:
+        f = sf.SoundFile(source)
+    except Exception as e:  # noqa: BLE001 - soundfile raises several types
+        msg = re.sub(r"Error opening <[^>]*>: ", "", str(e))
+        if name.lower().endswith(".mp3") and "MP3" not in sf.available_formats():
+            msg = f"this libsndfile ({sf.__libsndfile_version__}) cannot decode MP3; convert it"
+        raise AudioError(f"{name}: cannot decode audio ({msg})") from e
+    if f.frames <= 0:
+        f.close()
+        raise AudioError(f"{name}: zero-length audio")
+    return f
+
+
+class BlockReader:
+    """Sequential windows [lo, hi) of an open SoundFile as float32 [C, hi - lo], zero outside
+    the file. Windows must move forward; only the current window is held in memory."""
+
+    def __init__(self, f: sf.SoundFile, name: str):
+        self.f, self.name = f, name
+        self.frames, self.channels = f.frames, f.channels
+        self.buf = np.zeros((f.channels, 0), np.float32)
+        self.start = 0  # file position of buf[:, 0]
+
+    def window(self, lo: int, hi: int) -> np.ndarray:
+        lo_f, hi_f = max(lo, 0), min(hi, self.frames)
+        if lo_f > self.start:  # drop what no later window needs
+            self.buf = self.buf[:, min(lo_f - self.start, self.buf.shape[1]):]
+            self.start = lo_f
+        need = hi_f - (self.start + self.buf.shape[1])
+        if need > 0:
+            if self.f.tell() != self.start + self.buf.shape[1]:
+                self.f.seek(self.start + self.buf.shape[1])
+            try:
+                block = self.f.read(need, dtype="float32", always_2d=True).T
+            except Exception as e:  # noqa: BLE001
+                raise AudioError(f"{self.name}: cannot decode audio ({e})") from e
+            if not np.isfinite(block).all():
+                raise AudioError(f"{self.name}: audio contains NaN or infinite samples")
+            self.buf = np.concatenate([self.buf, block], axis=1)
+        out = np.zeros((self.channels, hi - lo), np.float32)
+        if hi_f > lo_f:
+            part = self.buf[:, lo_f - self.start : hi_f - self.start]
+            out[:, lo_f - lo : lo_f - lo + part.shape[1]] = part
+        return out
+
+
+@dataclass(frozen=True)
+class RatePlan:
+    """One track's segments at three rates: input (decode), output (stems) and model. Segment
+    starts fall on a common tick (1 / gcd of the rates), so a padded window resampled on its
+    own equals the same span of the whole resampled file; `out` is the cross-fade plan at the
+    output rate, and segment j of the model is the model-rate span starting at model_start(j)."""
+
+    frames: int
+    in_rate: int
+    out_rate: int
+    model_rate: int
+    segment: int  # model samples per segment
+    out: SegmentPlan
+    pad: int  # input samples of resampling context on each side of a window
+
+    @classmethod
+    def build(cls, frames: int, in_rate: int, out_rate: int, model_rate: int, segment: int,
+              margin: float, overlap: float) -> RatePlan:
+        g = math.gcd(math.gcd(in_rate, out_rate), model_rate)
+        tm, to, ti = model_rate // g, out_rate // g, in_rate // g  # one tick in each rate
+        m = int(margin * segment)
+        m = tm * math.ceil(m / tm) if 2 * tm * math.ceil(m / tm) < segment else tm * (m // tm)
+        hop = tm * ((segment - 2 * m - int(overlap * segment)) // tm)
+        if hop <= 0:
+            raise ValueError(f"segment {segment} too short for rates {in_rate}/{model_rate}")
+        m_out, hop_out = m // tm * to, hop // tm * to
+        seg_out = segment * out_rate // model_rate
+        overlap_out = seg_out - 2 * m_out - hop_out
+        num_out = math.ceil(frames * out_rate / in_rate)
+        pad = ti * math.ceil(max(1024, 64 * in_rate // min(out_rate, model_rate)) / ti)
+        return cls(frames, in_rate, out_rate, model_rate, segment,
+                   SegmentPlan(num_out, seg_out, m_out, overlap_out), pad)
+
+    @property
+    def num_segments(self) -> int:
+        return self.out.num_segments
+
+    def in_span(self, j: int) -> tuple[int, int]:
+        """Input frames [lo, hi) that segment j needs, resampling context included."""
+        start = self.out.start(j) * self.in_rate // self.out_rate
+        length = math.ceil(max(self.out.segment * self.in_rate / self.out_rate,
+                               self.segment * self.in_rate / self.model_rate))
+        return start - self.pad, start + length + self.pad
+
+    def split(self, window: np.ndarray, per_channel: bool = False):
+        """Input window [C, hi - lo] -> (output-rate window [C, seg_out], model-rate mid
+        [segment], or every channel [C, segment] with per_channel), both cut from the
+        resampled padded window at the segment's start."""
+        def cut(x, rate, n):
+            y = resample(x, self.in_rate, rate)
+            off = self.pad * rate // self.in_rate
+            y = y[..., off : off + n]
+            return np.pad(y, [(0, 0)] * (y.ndim - 1) + [(0, n - y.shape[-1])])
+
+        mid = cut(window if per_channel else to_mono(window), self.model_rate, self.segment)
+        return cut(window, self.out_rate, self.out.segment), mid

@@ -49,6 +49,7 @@ class Data:
     shard_mb: float = 128.0  # prepare: target size of one Parquet file
     min_seconds: float = 0.0  # prepare: skip tracks shorter than this (paper loader: 12 s)
     random_shift: bool = False  # train: circular roll by U[-L/2, L/2) (paper: jittered crops)
+    train_samples: int = 0  # train on random crops of this length from each chunk; 0 = whole chunk
 
     def __post_init__(self):
         _require(self.sample_rate > 0, f"sample_rate must be positive, got {self.sample_rate}")
@@ -60,6 +61,8 @@ class Data:
         _require(not bad, f"stem names must match [A-Za-z0-9_-]+, got {bad}")
         _require(self.hop_samples >= 0 and self.shard_mb > 0 and self.min_seconds >= 0,
                  "hop_samples and min_seconds must be >= 0 and shard_mb > 0")
+        _require(0 <= self.train_samples <= self.chunk_samples,
+                 f"train_samples ({self.train_samples}) must be 0 or <= chunk_samples")
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,9 @@ class Config:
         if not -s <= self.separation.constrained < s:
             raise ConfigError(f"separation.constrained ({self.separation.constrained}) must index "
                               f"one of the {s} stems {list(self.data.stems)}")
+        if self.data.train_samples % m:
+            raise ConfigError(f"data.train_samples ({self.data.train_samples}) must be a multiple "
+                              f"of {m} (model.patch_factor x prod(model.factors))")
         if self.data.chunk_samples % m:
             raise ConfigError(f"data.chunk_samples ({self.data.chunk_samples}) must be a multiple "
                               f"of {m} (model.patch_factor x prod(model.factors))")

@@ -168,3 +168,16 @@ def random_shift(x: torch.Tensor, generator=None) -> torch.Tensor:
     shifts = torch.randint(-t // 2, t // 2, (b,), generator=generator)
     idx = (torch.arange(t)[None, :] - shifts[:, None]) % t  # [B, T]
     return torch.gather(x, 2, idx[:, None, :].expand_as(x).to(x.device))
+
+
+def random_crop(x: torch.Tensor, length: int, generator=None) -> torch.Tensor:
+    """A random window of `length` samples per example, the same for every stem of it: with
+    chunks stored longer than the training length (and overlapping, `data.hop_samples`), crops
+    reach every position of a track, across the stored chunk boundaries (the paper's aug_shift).
+    x [B, S, T] -> [B, S, length]."""
+    b, _, t = x.shape
+    if not 0 < length <= t:
+        raise ValueError(f"crop length {length} must be in 1..{t}")
+    starts = torch.randint(0, t - length + 1, (b,), generator=generator)
+    idx = starts[:, None] + torch.arange(length)[None, :]  # [B, length]
+    return torch.gather(x, 2, idx[:, None, :].expand(b, x.shape[1], length).to(x.device))

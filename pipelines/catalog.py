@@ -146,6 +146,27 @@ class ManifestWriter:
         return rows
 
 
+def settle(items: list[dict], names, output: str, template: str, ext: str,
+           manifest: dict[str, dict]) -> tuple[list[dict], list[dict]]:
+    """(items to do, rows of settled items): complete outputs are `skipped` (keeping their old
+    row), an output name that leaves the folder is `failed`."""
+    have, todo, rows = existing_files(output), [], []
+    for it in items:
+        try:
+            paths = output_paths(it, names, output, template, ext)
+        except ValueError as e:
+            rows.append({"input": it["input"], "key": it["key"], "status": "failed",
+                         "error": str(e), "outputs": {}, "time": time.time()})
+            continue
+        if all(storage.get_fs(p)[1] in have for p in paths.values()):
+            old = manifest.get(it["input"], {})
+            rows.append({**old, "input": it["input"], "key": it["key"], "outputs": paths,
+                         "status": "skipped", "error": "", "time": time.time()})
+        else:
+            todo.append(it)
+    return todo, rows
+
+
 def existing_files(output: str) -> set[str]:
     fs, path = storage.get_fs(output)
     return set(fs.find(path)) if fs.exists(path) else set()

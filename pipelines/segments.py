@@ -1,54 +1,65 @@
-"""The three Ray Data stages of `pipelines.separate`: decode + segment (CPU), separate (model
-actors), assemble + write (CPU). Callable without Ray. Model actors only hold segment batches,
-so their memory does not depend on track length; one bad file or item never stops a batch."""
+"""The Ray Data stages of `pipelines.separate`: decode + segment (CPU, in blocks), separate (model
+actors), split channels (CPU: soft masks at the output rate). Callable without Ray. Every stage
+holds a few segments at a time, so no process's memory depends on track length; one bad file or
+item becomes that item's error, never the job's."""
 
 from __future__ import annotations
 
-import io
 import json
 import time
 
 import numpy as np
 
-from msdm.audio import (
-    SegmentPlan,
-    extract_segment,
-    overlap_add,
-    read_audio,
-    resample,
-    to_mono,
-    write_audio,
-)
-from msdm.config import Config
+from msdm.audio import BlockReader, RatePlan, open_audio, resample
+from msdm.stereo import mask_split
 
 from . import storage
-from .catalog import output_paths
 from .common import peak_rss_mb, private_mb
-from .models import Separator, separation_nfe
+from .models import Separator
 
 
-def decode_segments(item: dict, sample_rate: int, segment: int, margin: float,
-                    overlap: float) -> list[dict]:
-    """CPU stage (flat_map): decode, downmix, resample, cut into segments with margins. Any
-    failure (undecodable, empty, a folder, a symlink loop, ...) yields one row with `error`."""
+def decode_segments(item: dict, sample_rate: int, segment: int, margin: float, overlap: float,
+                    out_rate: str = "original", channels: str = "original",
+                    method: str = "channels"):
+    """CPU stage (flat_map generator): read the track block by block and yield one row per
+    segment: the model-rate `mixture` (every channel [C, segment] for method "channels", else
+    the mid [segment]) and the output-rate `window` [C, seg_out] of the same span (C = 1 for
+    --channels mono). A failure yields a row with `error` (after any segments yielded)."""
     t0 = time.time()
     base = {"key": item["key"], "item": json.dumps(item), "t0": t0, "error": ""}
+    seg = -1
     try:
-        x, sr = read_audio(storage.read_bytes(item["input"]), item["input"])
-        mono = resample(to_mono(x), sr, sample_rate)
-        plan = SegmentPlan.from_fractions(mono.shape[-1], segment, margin, overlap)
+        fs, path = storage.get_fs(item["input"])
+        if storage.is_remote(item["input"]):
+            handle = fs.open(path, "rb", block_size=8 << 20)
+        else:
+            handle = open(path, "rb")  # noqa: SIM115 - closed below
+        with handle, open_audio(handle, item["input"]) as f:
+            rate = f.samplerate if out_rate == "original" else int(out_rate)
+            plan = RatePlan.build(f.frames, f.samplerate, rate, sample_rate, segment, margin,
+                                  overlap)
+            reader = BlockReader(f, item["input"])
+            info = json.dumps({"rate": rate, "model_rate": sample_rate, "channels": f.channels,
+                               "num_samples": plan.out.num_samples, "segment": plan.out.segment,
+                               "margin": plan.out.margin, "overlap": plan.out.overlap,
+                               "in_rate": f.samplerate, "mono": channels == "mono"})
+            for seg in range(plan.num_segments):
+                window = reader.window(*plan.in_span(seg))
+                if channels == "mono":
+                    window = window.mean(axis=0, keepdims=True, dtype=np.float32)
+                window, mid = plan.split(window, method == "channels" and channels != "mono")
+                yield {**base, "seg": seg, "num_segments": plan.num_segments, "plan": info,
+                       "mixture": mid, "window": window, "decode_rss_mb": peak_rss_mb()}
     except Exception as e:  # noqa: BLE001 - one input's failure is that input's row
-        return [{**base, "seg": -1, "num_segments": 0, "num_samples": 0, "orig_sr": 0,
-                 "error": _reason(item["input"], e), "mixture": np.zeros(segment, np.float32),
-                 "decode_rss_mb": peak_rss_mb()}]
-    return [{**base, "seg": j, "num_segments": plan.num_segments, "num_samples": plan.num_samples,
-             "orig_sr": sr, "mixture": extract_segment(mono, plan, j),
-             "decode_rss_mb": peak_rss_mb()} for j in range(plan.num_segments)]
+        yield {**base, "seg": -1, "num_segments": 0, "plan": "{}", "error": _reason(
+            item["input"], e, seg), "mixture": np.zeros(segment, np.float32),
+            "window": np.zeros((1, 1), np.float32), "decode_rss_mb": peak_rss_mb()}
 
 
-def _reason(name: str, e: Exception) -> str:
+def _reason(name: str, e: Exception, seg: int = -1) -> str:
     text = str(e)
-    return text if name in text else f"{name}: {type(e).__name__}: {text}"
+    text = text if name in text else f"{name}: {type(e).__name__}: {text}"
+    return text if seg < 1 else f"{text} (at segment {seg})"
 
 
 class SeparateSegments:
@@ -63,84 +74,84 @@ class SeparateSegments:
     def __call__(self, batch: dict) -> dict:
         t0 = time.time()
         errors = [str(e) for e in batch["error"]]
-        n, length = len(errors), batch["mixture"].shape[-1]
-        stems = np.zeros((n, len(self.separator.cfg.data.stems), length), np.float32)
+        n, num_stems = len(errors), len(self.separator.cfg.data.stems)
+        # every channel of a segment is one model item, all with the segment's seed (shared
+        # noise): identical channels give identical stems
+        mixes = [np.asarray(batch["mixture"][i], np.float32) for i in range(n)]
+        stems = [np.zeros((num_stems,) + m.shape, np.float32) for m in mixes]  # [S, (C,) T]
         todo = [i for i in range(n) if not errors[i]]
         keys = [(batch["key"][i], int(batch["seg"][i])) for i in range(n)]
         try:
             if todo:
-                stems[todo] = self.separator(batch["mixture"][todo], [keys[i] for i in todo])
+                self._separate(todo, mixes, keys, stems)
         except Exception:  # noqa: BLE001 - retry item by item to find the bad one
             for i in todo:
                 try:
-                    stems[i] = self.separator(batch["mixture"][i : i + 1], [keys[i]])[0]
+                    self._separate([i], mixes, keys, stems)
                 except Exception as e:  # noqa: BLE001
                     errors[i] = f"model failed on segment {keys[i][1]}: {type(e).__name__}: {e}"
         out = {k: v for k, v in batch.items() if k not in ("mixture", "error")}
-        out.update(stems=stems, error=np.array(errors, dtype=object),
+        out.update(stems=_column(stems), error=np.array(errors, dtype=object),
                    model_s=np.full(n, (time.time() - t0) / max(n, 1)))
         self.peak_private = max(self.peak_private, private_mb())
         out["actor_private_mb"] = np.full(n, self.peak_private)
         return out
 
 
-class AssembleTrack:
-    """CPU stage (map_groups by key): overlap-add the segments of one track, resample back,
-    write one file per stem (write then rename) and return the track's manifest row."""
-
-    def __init__(self, cfg_dict: dict, output: str, template: str, fmt: str, subtype: str,
-                 out_rate: str, ckpt_name: str):
-        self.cfg = Config.from_dict(cfg_dict)
-        self.output, self.template, self.fmt, self.subtype = output, template, fmt, subtype
-        self.out_rate, self.ckpt_name = out_rate, ckpt_name
-
-    def __call__(self, group: dict) -> dict:
-        item = json.loads(group["item"][0])
-        row = {"input": item["input"], "key": item["key"], "outputs": {}, "error": "",
-               "sampler": self.cfg.to_dict()["sampler"], "likelihood":
-               self.cfg.separation.likelihood, "checkpoint": self.ckpt_name, "time": time.time()}
-        try:
-            failed = [str(e) for e in group["error"] if str(e)]
-            if failed:
-                raise RuntimeError(failed[0])
-            row.update(self._write(item, group))
-            row["status"] = "ok"
-        except Exception as e:  # noqa: BLE001 - the track's failure is its row
-            row.update(status="failed", error=str(e) or type(e).__name__)
-        row["wall_s"] = time.time() - float(np.min(group["t0"]))
-        return {"manifest": np.array([json.dumps(row, default=float)], dtype=object)}
-
-    def _write(self, item: dict, group: dict) -> dict:
-        cfg = self.cfg
-        order = np.argsort(group["seg"])
-        plan = SegmentPlan.from_fractions(int(group["num_samples"][0]), cfg.data.chunk_samples,
-                                          cfg.separation.margin, cfg.separation.overlap)
-        stems = overlap_add((group["stems"][i] for i in order), plan)  # [S, T], model rate
-        sr_in = int(group["orig_sr"][0])
-        rate = sr_in if self.out_rate == "original" else int(self.out_rate)
-        original, _ = read_audio(storage.read_bytes(item["input"]), item["input"])
-        mixture = resample(to_mono(original), sr_in, rate)  # the reference at the output rate
-        stems = resample(stems, cfg.data.sample_rate, rate)
-        t = mixture.shape[-1]
-        stems = np.pad(stems, ((0, 0), (0, max(0, t - stems.shape[-1]))))[:, :t]
-        residual = mixture - stems.sum(0)
-        paths = output_paths(item, cfg.data.stems, self.output, self.template, self.fmt)
-        for i, stem in enumerate(cfg.data.stems):
-            buf = io.BytesIO()
-            write_audio(buf, stems[i], rate, self.fmt, self.subtype)
-            storage.write_bytes(paths[stem], buf.getvalue())
-        k = separation_nfe(cfg)  # 1 for a regressor, + 1 with --init
-        power = float(np.sum(mixture.astype(np.float64) ** 2)) + 1e-20
-        return {"outputs": paths, "duration_s": t / rate, "sample_rate": rate,
-                "segments": plan.num_segments, "nfe_per_segment": k, "nfe": k * plan.num_segments,
-                "model_s": float(np.sum(group["model_s"])),
-                "residual_db": 10 * np.log10(float(np.sum(residual.astype(np.float64) ** 2))
-                                             / power + 1e-20),
-                "actor_private_mb": float(np.max(group["actor_private_mb"])),
-                "decode_rss_mb": float(np.max(group["decode_rss_mb"])),
-                "assemble_rss_mb": peak_rss_mb()}
+    def _separate(self, rows, mixes, keys, stems) -> None:
+        items, same = [], {}  # a channel equal to an earlier one is separated once
+        for i in rows:
+            m = np.atleast_2d(mixes[i])
+            for c in range(len(m)):
+                twin = next((d for d in range(c) if np.array_equal(m[d], m[c])), None)
+                if twin is None:
+                    items.append((i, c))
+                else:
+                    same[(i, c)] = (i, twin)
+        mix = np.stack([np.atleast_2d(mixes[i])[c] for i, c in items])
+        est = self.separator(mix, [keys[i] for i, _ in items])  # [B', S, T]
+        for (i, c), e in zip(items, est):
+            if mixes[i].ndim == 1:
+                stems[i] = e
+            else:
+                stems[i][:, c] = e
+        for (i, c), (_, d) in same.items():
+            stems[i][:, c] = stems[i][:, d]
 
 
-def assemble_track(group: dict, **options) -> dict:
-    """map_groups entry point for `AssembleTrack`."""
-    return AssembleTrack(**options)(group)
+def split_segments(batch: dict, power: float = 1.0, method: str = "transfer") -> dict:
+    """CPU stage: model-rate stems [S, segment] -> output-rate stems [S, C, seg_out] of each
+    segment: upsampled (mono), or soft masks from them applied to every channel of `window`."""
+    n = len(batch["key"])
+    stems, errors = [], [str(e) for e in batch["error"]]
+    for i in range(n):
+        out = np.zeros((batch["stems"][i].shape[0], 1, 1), np.float32)
+        if not errors[i]:
+            try:
+                out = _split_one(batch["stems"][i], batch["window"][i],
+                                 json.loads(batch["plan"][i]), power, method)  # [S, C, T]
+            except Exception as e:  # noqa: BLE001 - this segment's failure
+                errors[i] = f"channel split failed on segment {batch['seg'][i]}: {e}"
+        stems.append(out)
+    result = {k: v for k, v in batch.items() if k not in ("stems", "error")}
+    result["stems"] = _column(stems)
+    result["error"] = np.array(errors, dtype=object)
+    result["split_rss_mb"] = np.full(n, peak_rss_mb())
+    return result
+
+
+def _split_one(stems: np.ndarray, window: np.ndarray, plan: dict, power: float,
+               method: str) -> np.ndarray:
+    up = resample(stems, plan["model_rate"], plan["rate"])[..., : window.shape[-1]]
+    up = np.pad(up, [(0, 0)] * (up.ndim - 1) + [(0, window.shape[-1] - up.shape[-1])])
+    if plan["mono"]:
+        return up[:, None]
+    return mask_split(window, up, plan["rate"], plan["model_rate"], power, method=method)
+
+
+def _column(arrays: list[np.ndarray]):
+    if len({a.shape for a in arrays}) == 1:
+        return np.stack(arrays)
+    col = np.empty(len(arrays), dtype=object)
+    col[:] = arrays
+    return col

@@ -6,27 +6,30 @@
     ray job submit --working-dir . -- python -m pipelines.separate --ckpt s3://... --input ...
 
 --input is a folder (recursive), a glob, a .txt/.jsonl manifest or one file; any format soundfile
-decodes, any rate, mono or stereo (downmixed). Tracks are cut into segments with context margins,
-separated on an actor pool, cross-faded back and written as OUTPUT/{track}/{stem}.{ext}, plus
-OUTPUT/_manifest.jsonl (status ok / failed / skipped per input). A re-run skips finished tracks;
-files are written then renamed, so a partial output never appears. Bad files are reported, not
-fatal. Work runs in waves of --wave-size tracks, so a crash loses at most one wave.
+decodes (MP3 where libsndfile does), any rate and channel count. Tracks are decoded in blocks and
+cut into segments; the model separates every channel (shared noise) on an actor pool; CPU tasks
+complete the stems over the full band at the output rate (soft masks above the model's band, see
+msdm/stereo.py); the driver cross-fades segments into OUTPUT/{track}/{stem}.{ext} as they
+arrive, plus OUTPUT/_manifest.jsonl (status ok / failed / skipped per input). One streaming
+pipeline; the models load once. A re-run skips finished tracks; files are written then renamed,
+so a partial output never appears. Bad files are reported, not fatal. Manifest rows are saved
+every --wave-size finished tracks.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 
 from . import storage
+from .assemble import Assembler, output_names
 from .catalog import (
     ManifestWriter,
     check_template,
-    existing_files,
     list_inputs,
     output_paths,
     read_manifest,
+    settle,
 )
 from .common import (
     add_init,
@@ -39,7 +42,7 @@ from .common import (
     resolve_config,
 )
 from .models import load_model, separation_nfe
-from .segments import SeparateSegments, assemble_track, decode_segments
+from .segments import SeparateSegments, decode_segments, split_segments
 
 SUBTYPES = ("PCM_16", "PCM_24", "FLOAT")
 
@@ -57,10 +60,24 @@ def build_parser():
                    help="output name template: {track} {key} {parent} {stem} {ext}")
     p.add_argument("--sample-rate", default="original",
                    help="'original' (the input's rate) or a rate in Hz for the stems")
+    p.add_argument("--channels", choices=("original", "mono"), default="original",
+                   help="original: stems with the input's channels (soft masks, full band); "
+                        "mono: the model's mid stems only")
+    p.add_argument("--stems", default=None, help="comma-separated subset of stems to write")
+    p.add_argument("--two-stems", default=None, metavar="STEM",
+                   help="write STEM and no_STEM (= mixture - STEM)")
+    p.add_argument("--stereo", choices=("channels", "transfer", "mask"), default="channels",
+                   help="channels: the model separates every channel (shared noise), masks "
+                        "above its band; transfer / mask: the model separates the mid only")
+    p.add_argument("--mask-power", type=float, default=1.0,
+                   help="soft-mask exponent p in |S_n|^p / sum |S_m|^p")
     p.add_argument("--actors", type=int, default=1, help="model replicas")
     p.add_argument("--gpus-per-actor", type=float, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="segments per model call")
-    p.add_argument("--wave-size", type=int, default=64, help="tracks per wave (resume unit)")
+    p.add_argument("--wave-size", type=int, default=16,
+                   help="finished tracks per manifest part (resume unit)")
+    p.add_argument("--split-tasks", type=int, default=None,
+                   help="max concurrent channel-split tasks (default: Ray decides)")
     add_init(p)
     return p
 
@@ -85,46 +102,39 @@ def main(argv=None) -> dict:
     ckpt = parse_ckpt(args.ckpt)
     base, _ = load_model(ckpt)  # a bad checkpoint fails here, before Ray starts
     cfg = resolve_config(args, base, [args.sampler_config] if args.sampler_config else [])
+    try:
+        names = output_names(cfg.data.stems, args.stems, args.two_stems)
+    except ValueError as e:
+        sys.exit(str(e))
     items = list_inputs(args.input)
-    if dry_run(cfg, args, {"inputs": len(items), "subtype": subtype}):
+    if dry_run(cfg, args, {"inputs": len(items), "subtype": subtype, "outputs": names}):
         return {}
     if not items:
         sys.exit(f"no audio files found at {args.input}")
-    _check_names(items, cfg.data.stems, args)
+    _check_names(items, names, args)
     storage.check_writable(args.output)
     manifest, problems = read_manifest(args.output)
     for p in problems:
         log(f"manifest: {p}")
-    writer, have = ManifestWriter(args.output), existing_files(args.output)
-    todo, done_rows = [], []
-    for it in items:
-        try:
-            paths = output_paths(it, cfg.data.stems, args.output, args.filename, args.format)
-        except ValueError as e:
-            done_rows.append({"input": it["input"], "key": it["key"], "status": "failed",
-                              "error": str(e), "outputs": {}, "time": time.time()})
-            continue
-        if all(storage.get_fs(p)[1] in have for p in paths.values()):
-            old = manifest.get(it["input"], {})
-            done_rows.append({**old, "input": it["input"], "key": it["key"], "outputs": paths,
-                              "status": "skipped", "error": "", "time": time.time()})
-        else:
-            todo.append(it)
+    writer = ManifestWriter(args.output)
+    todo, done_rows = settle(items, names, args.output, args.filename, args.format, manifest)
     writer.append(done_rows)
     log(f"separate: {len(items)} inputs, {len(items) - len(todo)} settled, {len(todo)} to do "
         f"-> {args.output} (NFE per segment {separation_nfe(cfg)}, {args.actors} actor(s))")
     ray = init_ray(args, [args.input, args.output, *ckpt_uris(ckpt)]) if todo else None
-    t0, rows = time.time(), list(done_rows)
-    for w in range(0, len(todo), args.wave_size):
-        wave = _run_wave(ray, args, ckpt, cfg, subtype, todo[w : w + args.wave_size])
-        writer.append(wave)  # one new part per wave: a crash loses at most one wave
-        rows += wave
-        for row in wave:
-            log(f"  {row['status']:<6} {row['key']} "
-                + (f"{row['duration_s']:.1f} s" if row["status"] == "ok" else row["error"]))
-        n = min(w + args.wave_size, len(todo))
-        log(f"  {n}/{len(todo)} tracks, {time.time() - t0:.0f} s, "
-            f"ETA {(len(todo) - n) * (time.time() - t0) / n:.0f} s")
+    t0, rows, part = time.time(), list(done_rows), []
+    for row in _run(ray, args, ckpt, cfg, subtype, names, todo) if todo else []:
+        rows.append(row)
+        part.append(row)
+        log(f"  {row['status']:<6} {row['key']} "
+            + (f"{row['duration_s']:.1f} s" if row["status"] == "ok" else row["error"]))
+        if len(part) >= args.wave_size:
+            writer.append(part)  # a crash loses at most --wave-size finished rows
+            part = []
+            n = len(rows) - len(done_rows)
+            log(f"  {n}/{len(todo)} tracks, {time.time() - t0:.0f} s, "
+                f"ETA {(len(todo) - n) * (time.time() - t0) / n:.0f} s")
+    writer.append(part)
     manifest = writer.compact()
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed", "skipped")}
     log(f"done in {time.time() - t0:.1f} s: {counts}")
@@ -134,34 +144,46 @@ def main(argv=None) -> dict:
     return {"counts": counts, "manifest": manifest}
 
 
-def _run_wave(ray, args, ckpt, cfg, subtype, wave) -> list[dict]:
-    # Small blocks: a long track becomes many blocks of segments instead of one huge block,
-    # so a model actor only ever maps a few batches' worth of audio (flat memory).
-    seg_bytes = 4 * cfg.data.chunk_samples * (1 + len(cfg.data.stems))
+def _run(ray, args, ckpt, cfg, subtype, names, todo):
+    """One streaming pipeline over every track: decode -> model actors -> channel split; the
+    driver assembles and writes. Yields manifest rows as tracks finish."""
+    # Small blocks: a long track becomes many blocks of segments, so every stage only ever
+    # holds a few segments (flat memory); the reorder buffer per track stays small.
+    seg_bytes = 4 * cfg.data.chunk_samples * (1 + len(cfg.data.stems)) * 5
     ctx = ray.data.DataContext.get_current()
     ctx.target_max_block_size = max(1 << 20, 2 * args.batch_size * seg_bytes)
-    ds = ray.data.from_items(wave, override_num_blocks=len(wave))
+    # in order: the driver's reorder buffer then holds ~one block per track (measured: 100
+    # segments of a 5-minute track waited there without it)
+    ctx.execution_options.preserve_order = True
+    ds = ray.data.from_items(todo, override_num_blocks=len(todo))
     ds = ds.flat_map(decode_segments, fn_kwargs={
         "sample_rate": cfg.data.sample_rate, "segment": cfg.data.chunk_samples,
-        "margin": cfg.separation.margin, "overlap": cfg.separation.overlap})
+        "margin": cfg.separation.margin, "overlap": cfg.separation.overlap,
+        "out_rate": args.sample_rate, "channels": args.channels, "method": args.stereo})
     ds = ds.map_batches(
         SeparateSegments, batch_size=args.batch_size, batch_format="numpy",
         fn_constructor_kwargs={"ckpt": ckpt, "cfg": cfg.to_dict(),
                                "num_gpus": args.gpus_per_actor, "seed": args.seed},
         compute=ray.data.ActorPoolStrategy(size=args.actors), num_gpus=args.gpus_per_actor)
-    ds = ds.groupby("key", num_partitions=max(1, min(len(wave), 16))).map_groups(
-        assemble_track, batch_format="numpy",
-        fn_kwargs={"cfg_dict": cfg.to_dict(), "output": args.output, "template": args.filename,
-                   "fmt": args.format, "subtype": subtype, "out_rate": args.sample_rate,
-                   "ckpt_name": ckpt})
-    return [json.loads(r["manifest"]) for r in ds.take_all()]
+    split = {} if args.split_tasks is None else {
+        "compute": ray.data.TaskPoolStrategy(size=args.split_tasks)}
+    ds = ds.map_batches(split_segments, batch_size=2, batch_format="numpy",
+                        fn_kwargs={"power": args.mask_power, "method": args.stereo}, **split)
+    assembler = Assembler(cfg, args.output, args.filename, args.format, subtype, str(ckpt),
+                          names)
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for i in range(len(batch["key"])):
+            done = assembler.add({k: v[i] for k, v in batch.items()})
+            if done is not None:
+                yield done
+    yield from assembler.finish()
 
 
-def _check_names(items, stems, args) -> None:
+def _check_names(items, names, args) -> None:
     seen: dict[str, str] = {}
     for it in items:
         try:
-            paths = output_paths(it, stems, args.output, args.filename, args.format)
+            paths = output_paths(it, names, args.output, args.filename, args.format)
         except ValueError:
             continue  # reported as this item's failed row
         for path in paths.values():

@@ -14,7 +14,7 @@ import torch
 
 from msdm.checkpoint import build_model, load_state, save
 from msdm.config import Config
-from msdm.data import random_shift
+from msdm.data import random_crop, random_shift
 from msdm.training import make_ema, make_optimizer, train_step, validation_loss
 
 from . import storage
@@ -83,6 +83,8 @@ def train_loop_per_worker(config: dict) -> None:
         for batch in epoch_batches(shard, per_worker, cfg.train.shuffle_buffer, seed):  # [ray]
             waited += time.time() - t_wait
             x = batch["x"].to(device, non_blocking=True)
+            if cfg.data.train_samples:
+                x = random_crop(x, cfg.data.train_samples, gen)
             if cfg.data.random_shift:
                 x = random_shift(x, gen)
             loss = train_step(model, x, opt, cfg, gen, ema, step)

@@ -96,3 +96,19 @@ def test_learning_rate_schedule_and_ema_warmup():
     warm = load_config("tiny", ["train.ema_warmup=true", "train.ema_decay=0.999"]).train
     assert ema_decay_at(0, warm) == pytest.approx(0.1) and ema_decay_at(10**6, warm) == 0.999
     assert ema_decay_at(0, const) == const.ema_decay
+
+
+def test_random_crop_takes_one_aligned_window_per_example():
+    from msdm.data import random_crop
+
+    t = torch.arange(1000, dtype=torch.float32)
+    x = torch.stack([t, 2 * t, -t]).expand(6, 3, 1000).clone()  # [B, S, T]
+    y = random_crop(x, 256, torch.Generator().manual_seed(0))
+    assert y.shape == (6, 3, 256)
+    starts = y[:, 0, 0].long()
+    assert len(set(starts.tolist())) > 1 and int(starts.max()) <= 1000 - 256
+    for b, s0 in enumerate(starts.tolist()):  # contiguous and the same window for every stem
+        assert torch.equal(y[b, 0], t[s0 : s0 + 256])
+        assert torch.equal(y[b, 1], 2 * y[b, 0]) and torch.equal(y[b, 2], -y[b, 0])
+    with pytest.raises(ValueError, match="crop length"):
+        random_crop(x, 2000)
