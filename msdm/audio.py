@@ -110,12 +110,6 @@ class SegmentPlan:
             raise ValueError(f"segment {self.segment} too short for margin {self.margin} and "
                              f"overlap {self.overlap}: need segment > 2 * margin + overlap")
 
-    @classmethod
-    def from_fractions(cls, num_samples: int, segment: int, margin: float,
-                       overlap: float) -> SegmentPlan:
-        """Margin and overlap given as fractions of the segment (`separation.margin/overlap`)."""
-        return cls(num_samples, segment, int(margin * segment), int(overlap * segment))
-
     @property
     def core(self) -> int:
         return self.segment - 2 * self.margin
