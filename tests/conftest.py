@@ -68,6 +68,18 @@ def synthetic_stems():
     return torch.stack(rows)
 
 
+def ancestors(pid: int) -> list[int]:
+    """Parent, grandparent, ... of a process (from /proc)."""
+    out = []
+    while pid > 1:
+        try:
+            pid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+        out.append(pid)
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -159,3 +171,9 @@ def tiny_unet_ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
     save(path, cfg, build_denoiser(cfg))
     return path
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow end-to-end tests first: under `pytest -n 2` (make test) the two workers start on
+    the long Ray jobs and fill the tail with the quick unit tests."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -194,8 +194,13 @@ def _head_command(cfg, port, dash, temp):
 def _submit(url, env, *entrypoint, working_dir=None):
     wd = ["--working-dir", str(working_dir)] if working_dir else []
     ray = f"{os.path.dirname(sys.executable)}/ray"
-    return subprocess.run([ray, "job", "submit", "--address", url, *wd, "--", *entrypoint],
-                          env=env, capture_output=True, text=True, timeout=300)
+    deadline = time.time() + 60
+    while True:  # the head's job agent starts a few seconds after its dashboard answers
+        proc = subprocess.run([ray, "job", "submit", "--address", url, *wd, "--", *entrypoint],
+                              env=env, capture_output=True, text=True, timeout=300)
+        if "No available agent" not in proc.stderr or time.time() > deadline:
+            return proc
+        time.sleep(2)
 
 
 @pytest.mark.slow
@@ -258,7 +263,8 @@ def test_head_from_cluster_yaml_refuses_jobs_without_the_token(tmp_path):
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
-            head.wait(timeout=20)
+            head.wait(timeout=5)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=10)
         shutil.rmtree(temp, ignore_errors=True)

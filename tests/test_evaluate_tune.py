@@ -73,13 +73,13 @@ def test_tune_four_trials_and_best_yaml_round_trips_into_evaluate(synth_prepared
     data = synth_prepared / "prepared"
     res = tune.main(["--ckpt", str(tiny_unet_ckpt), "--data", str(data), "--space",
                      str(ROOT / "tune_spaces" / "cost_aware.yaml"), "--num-samples", "4",
-                     "--storage", str(tmp_path / "sweeps"), "--name", "s", "--max-chunks", "48",
+                     "--storage", str(tmp_path / "sweeps"), "--name", "s", "--max-chunks", "24",
                      "--smoke-test"])
     sweep = tmp_path / "sweeps" / "s"
     assert len(res["trials"]) == 4
     again = tune.main(["--ckpt", str(tiny_unet_ckpt), "--data", str(data), "--space",
                        str(ROOT / "tune_spaces" / "cost_aware.yaml"), "--num-samples", "4",
-                       "--storage", str(tmp_path / "sweeps"), "--name", "s", "--max-chunks", "48",
+                       "--storage", str(tmp_path / "sweeps"), "--name", "s", "--max-chunks", "24",
                        "--smoke-test"])  # same name: the finished sweep is restored, not re-run
     assert "resuming sweep" in capfd.readouterr().out
     assert sorted(t["si_sdri"] for t in again["trials"]) == sorted(t["si_sdri"]
@@ -91,7 +91,8 @@ def test_tune_four_trials_and_best_yaml_round_trips_into_evaluate(synth_prepared
     assert best["sampler"]["num_steps"] == res["best"]["sampler.num_steps"]
     out = evaluate.main(["--ckpt", str(tiny_unet_ckpt), "--data", str(data), "--split",
                          "validation", "--output", str(tmp_path / "ev"), "--sampler-config",
-                         str(sweep / "best.yaml"), "--skip-checkpoint-sampler"])
+                         str(sweep / "best.yaml"), "--skip-checkpoint-sampler",
+                         "--max-chunks", "24"])
     assert len(out["configs"]) == 1
     row = out["configs"][0]
     assert row["name"] == "best" and out["si_sdri"] == row["si_sdri"]

@@ -5,6 +5,7 @@ probe file seen from the other node; train refuses local storage before its firs
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -26,9 +27,22 @@ def _start(args, env):
 def _stop(proc):
     os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=30)
+        proc.wait(timeout=5)  # `ray start --block` rarely exits on SIGTERM alone
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def _wait_for_port(port: int, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +53,7 @@ def two_nodes():
     temp = tempfile.mkdtemp(prefix="ray2n-", dir="/tmp")
     head = _start(["--head", "--num-cpus=0", f"--port={port}", f"--temp-dir={temp}",
                    "--include-dashboard=false"], env)
-    time.sleep(5)
+    _wait_for_port(port)  # the head's GCS
     worker = _start([f"--address=127.0.0.1:{port}", "--num-cpus=2"], env)
     code = ("import ray, time; ray.init(address='127.0.0.1:%d'); t = time.time()\n"
             "while len([n for n in ray.nodes() if n['Alive']]) < 2 and time.time() - t < 90:\n"

@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import ancestors
 
 from msdm.audio import RatePlan, read_audio, resample, to_mono
 from msdm.checkpoint import load_checkpoint
@@ -242,20 +243,9 @@ def _job_pids() -> list[int]:
             cmd = open(f"/proc/{d}/cmdline", "rb").read()
         except OSError:
             continue
-        if cmd.startswith(b"ray::") and me in _ancestors(int(d)):
+        if cmd.startswith(b"ray::") and me in ancestors(int(d)):
             pids.append(int(d))
     return pids
-
-
-def _ancestors(pid: int) -> list[int]:
-    out = []
-    while pid > 1:
-        try:
-            pid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            break
-        out.append(pid)
-    return out
 
 
 def _rss_mb(pid: int) -> tuple[float, float]:
