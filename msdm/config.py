@@ -24,7 +24,7 @@ from .sampling import SamplerConfig
 STEMS = ("bass", "drums", "guitar", "piano")
 STEM_NAME = re.compile(r"^[A-Za-z0-9_-]+$")  # stem names become file names
 PRESET_DIR = Path(__file__).with_name("presets")
-PRESETS = ("paper", "small", "tiny")
+PRESETS = ("paper", "small", "tiny", "demo")
 Model = ModelConfig  # the `model` section lives with the network it describes
 
 

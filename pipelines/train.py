@@ -40,6 +40,9 @@ def build_parser():
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, nccl, bf16 autocast")
     p.add_argument("--cpus-per-worker", type=float, default=0,
                    help="CPUs per worker (default: leave the rest of the cluster to Ray Data)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per CPU worker (default: its CPUs; more pays off when the "
+                        "train split is materialised and Ray Data idles, e.g. on one small node)")
     p.add_argument("--max-steps", type=int, default=None, help="overrides train.max_steps")
     p.add_argument("--warm-start", default=None, help="model.ckpt to fine-tune from")
     p.add_argument("--stem", default=None, help="ISDM: train a single-stem prior of this stem")
@@ -115,6 +118,8 @@ def main(argv=None) -> dict:
     if args.num_workers < 1 or cfg.train.batch_size % args.num_workers:
         raise SystemExit(f"train.batch_size ({cfg.train.batch_size}) is the global batch: it "
                          f"must divide by --num-workers ({args.num_workers})")
+    if args.threads < 0:
+        raise SystemExit(f"--threads must be >= 0 (0 = the worker's CPUs), got {args.threads}")
     if dry_run(cfg, args, {"run": run_uri, "workers": args.num_workers, "gpu": args.gpu}):
         return {}
     storage.check_readable(storage.join(args.data, "train"))
@@ -146,7 +151,7 @@ def main(argv=None) -> dict:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "opts": {
-            "val_ref": val_ref, "warm_start": args.warm_start,
+            "val_ref": val_ref, "warm_start": args.warm_start, "threads": args.threads,
             "metrics_uri": storage.join(run_uri, "metrics.csv")}},
         scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=args.gpu,
                                      resources_per_worker=resources),

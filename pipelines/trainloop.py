@@ -60,6 +60,8 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()  # [ray]
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = get_device()  # [ray]
+    if opts.get("threads") and device.type == "cpu":
+        torch.set_num_threads(opts["threads"])  # Ray pins a worker to OMP_NUM_THREADS = its CPUs
     if device.type == "cuda":  # the fp32 parts (optimizer, EMA, loss) may use TF32 matmuls
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank

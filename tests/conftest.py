@@ -150,14 +150,22 @@ def tmp_dir(tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def synth_prepared(ray_local, tmp_path_factory):
-    """6 generated songs of 9 s, prepared with the tiny preset (train/validation/test)."""
+    """6 generated songs of 9 s, prepared with the tiny preset (train/validation/test). Read-only
+    for the tests; under `pytest -n 2` the workers share one copy (the first one prepares it)."""
+    from filelock import FileLock
+
     from pipelines import prepare
     from pipelines.songs import generate_dataset
 
-    root = tmp_path_factory.mktemp("synth")
-    generate_dataset(root / "slakh", 6, 9.0, seed=3)
-    prepare.main(["--input", str(root / "slakh"), "--output", str(root / "prepared"),
-                  "--config", "tiny"])
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # basetemp = pytest-N/popen-gwK: share pytest-N/
+        root = tmp_path_factory.getbasetemp().parent / "synth"
+    else:
+        root = tmp_path_factory.mktemp("synth")
+    with FileLock(str(root) + ".lock"):
+        if not (root / "prepared" / "_report.json").exists():
+            generate_dataset(root / "slakh", 6, 9.0, seed=3)
+            prepare.main(["--input", str(root / "slakh"), "--output", str(root / "prepared"),
+                          "--config", "tiny"])
     return root
 
 

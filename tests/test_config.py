@@ -140,3 +140,6 @@ def test_presets_are_the_yaml_files_next_to_the_code():
     assert sorted(p.stem for p in PRESET_DIR.glob("*.yaml")) == sorted(PRESETS)
     assert get_preset("paper") == Config()
     assert get_preset("tiny").model.channels == 16 and get_preset("small").data.sample_rate == 11025
+    demo, small = get_preset("demo"), get_preset("small")  # the small network, another schedule
+    assert demo.model == small.model and demo.data == small.data
+    assert demo.train.lr_schedule == "cosine" and demo.train.ema_warmup

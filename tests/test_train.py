@@ -104,6 +104,8 @@ def test_driver_refuses_bad_runs_before_ray_starts(synth_prepared, tmp_path):
         train.main(base + ["--set", "data.sample_rate=16000"])
     with pytest.raises(SystemExit, match="must divide by --num-workers"):
         train.main(base + ["--num-workers", "3"])
+    with pytest.raises(SystemExit, match="--threads must be >= 0"):
+        train.main(base + ["--threads", "-1"])
     junk = tmp_path / "junk.ckpt"
     junk.write_bytes(b"\x80\x04garbage")
     with pytest.raises(CheckpointError, match="junk.ckpt"):
