@@ -100,8 +100,9 @@ def plot_separation(mixture, stems, estimates, names, sample_rate: int, png_uri:
             axes[r, 0].plot(t, est, lw=0.4, color="C1", alpha=0.8, label="estimate")
         axes[r, 0].set_ylabel(name)
         for c, sig in ((1, ref), (2, est if est is not None else ref)):
-            axes[r, c].specgram(sig + 1e-9, Fs=sample_rate, NFFT=512, noverlap=384, cmap="magma",
-                                vmin=top - 90, vmax=top + 10)  # one 100 dB range for all panels
+            with np.errstate(divide="ignore"):  # a silent stem: -inf dB bins draw as the floor
+                axes[r, c].specgram(sig + 1e-9, Fs=sample_rate, NFFT=512, noverlap=384,
+                                    cmap="magma", vmin=top - 90, vmax=top + 10)  # one 100 dB range
             axes[r, c].set_ylim(0, min(8000, sample_rate / 2))
     axes[0, 0].legend(fontsize=7, loc="upper right")
     axes[0, 1].set_title("reference spectrogram")
