@@ -304,10 +304,15 @@ def config_keys(cfg: Config | None = None) -> set[str]:
     return set(flatten((cfg or Config()).to_dict()))
 
 
-def get_preset(name: str) -> Config:
+def get_preset(name: str, _seen: tuple = ()) -> Config:
+    """A preset file over the defaults, or over the preset its `preset:` key names."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
-    return merge(Config(), _read_yaml(PRESET_DIR / f"{name}.yaml"))
+    if name in _seen:
+        raise ConfigError(f"presets {' -> '.join((*_seen, name))} form a loop")
+    data = _read_yaml(PRESET_DIR / f"{name}.yaml")
+    base = get_preset(str(data.pop("preset")), (*_seen, name)) if "preset" in data else Config()
+    return merge(base, data)
 
 
 def _read_yaml(path: Path) -> dict:

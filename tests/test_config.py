@@ -143,3 +143,17 @@ def test_presets_are_the_yaml_files_next_to_the_code():
     demo, small = get_preset("demo"), get_preset("small")  # the small network, another schedule
     assert demo.model == small.model and demo.data == small.data
     assert demo.train.lr_schedule == "cosine" and demo.train.ema_warmup
+
+
+def test_a_preset_file_can_build_on_another_and_loops_are_errors(tmp_path, monkeypatch):
+    import msdm.config as config
+
+    (tmp_path / "small.yaml").write_text("preset: tiny\ntrain: {lr: 0.5}\n")
+    (tmp_path / "tiny.yaml").write_text("model: {channels: 512}\n")
+    (tmp_path / "paper.yaml").write_text("preset: demo\n")
+    (tmp_path / "demo.yaml").write_text("preset: paper\n")
+    monkeypatch.setattr(config, "PRESET_DIR", tmp_path)
+    cfg = config.get_preset("small")
+    assert cfg.model.channels == 512 and cfg.train.lr == 0.5
+    with pytest.raises(ConfigError, match="paper -> demo -> paper form a loop"):
+        config.get_preset("paper")
