@@ -219,14 +219,6 @@ def convert(lightning: dict, stem: str = "") -> dict:
     }
 
 
-def load_released(source, stem: str = "", map_location="cpu") -> dict:
-    """Read a released checkpoint (path, bytes or binary file) as an msdm checkpoint dict."""
-    state = safe_load(source, map_location)
-    if not is_lightning(state):
-        raise ValueError("not a Lightning checkpoint (needs state_dict and hyper_parameters)")
-    return convert(state, stem)
-
-
 def _foreign(obj, depth: int = 0):
     if isinstance(obj, Foreign):
         yield obj
