@@ -191,6 +191,25 @@ def _start_ray(ray, args, runtime_env):
         data_log.addFilter(lambda r: not r.getMessage().startswith("Progress bars disabled"))
 
 
+def autoscaling() -> bool:
+    """True on a `ray up` cluster whose autoscaler can add nodes (a local cluster cannot)."""
+    return os.path.exists(os.path.expanduser("~/ray_bootstrap_config.yaml"))
+
+
+def check_actor_cpus(ray, job: str, actors: int, gpus_per_actor: float) -> None:
+    """CPU model actors hold one CPU each for the whole job; the tasks that read and decode
+    their input need at least one more, or the job waits forever for a read (a 2-CPU cluster
+    with --actors 2 hung). Fail up front instead, unless an autoscaler can add a node."""
+    if actors < 1:
+        raise SystemExit(f"{job}: --actors must be >= 1 (got {actors})")
+    total = ray.cluster_resources().get("CPU", 0)
+    if gpus_per_actor == 0 and actors + 1 > total and not autoscaling():
+        raise SystemExit(
+            f"{job}: --actors {actors} takes {actors} of the cluster's {total:g} CPUs (one per "
+            f"model actor) and leaves none to read the input; use --actors "
+            f"{max(1, int(total) - 1)} or a cluster with more CPUs")
+
+
 def check_paths(ray, uris, shared_fs: bool) -> None:
     """On a cluster with nodes besides the driver's, a local path would scatter outputs over
     the nodes' own disks (or read a different file on each): refuse it, unless --shared-fs says

@@ -26,6 +26,7 @@ from msdm.metrics import summarize
 from . import storage
 from .common import (
     add_init,
+    check_actor_cpus,
     ckpt_uris,
     dry_run,
     init_ray,
@@ -100,6 +101,7 @@ def main(argv=None) -> dict:
     storage.check_readable(storage.join(args.data, args.split))
     storage.check_writable(args.output)
     ray = init_ray(args, [args.data, args.output, *ckpt_uris(ckpt)])
+    check_actor_cpus(ray, "evaluate", args.actors, args.gpus_per_actor)
     results, done, t0 = [], {}, time.time()
     for i, (name, cfg) in enumerate(configs):
         key = json.dumps({k: cfg.to_dict()[k] for k in ("sampler", "separation")}, sort_keys=True)

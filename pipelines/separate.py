@@ -33,6 +33,7 @@ from .catalog import (
 )
 from .common import (
     add_init,
+    check_actor_cpus,
     ckpt_uris,
     dry_run,
     init_ray,
@@ -122,6 +123,8 @@ def main(argv=None) -> dict:
     log(f"separate: {len(items)} inputs, {len(items) - len(todo)} settled, {len(todo)} to do "
         f"-> {args.output} (NFE per segment {separation_nfe(cfg)}, {args.actors} actor(s))")
     ray = init_ray(args, [args.input, args.output, *ckpt_uris(ckpt)]) if todo else None
+    if ray:
+        check_actor_cpus(ray, "separate", args.actors, args.gpus_per_actor)
     t0, rows, part = time.time(), list(done_rows), []
     for row in _run(ray, args, ckpt, cfg, subtype, names, todo) if todo else []:
         rows.append(row)

@@ -23,7 +23,7 @@ from msdm.checkpoint import CheckpointError, check_size, load_state, save
 from msdm.config import ConfigError, apply_overrides
 
 from . import storage
-from .common import dry_run, init_ray, log, parser, resolve_config, write_json
+from .common import autoscaling, dry_run, init_ray, log, parser, resolve_config, write_json
 from .report import plot_loss
 from .stages import read_chunks, train_dataset
 from .trainloop import train_loop_per_worker
@@ -193,15 +193,10 @@ def _check_resources(ray, args) -> None:
     need = {"GPU": args.num_workers if args.gpu else 0,
             "CPU": args.num_workers * (args.cpus_per_worker or 0.25)}
     short = {k: (v, have.get(k, 0)) for k, v in need.items() if v > have.get(k, 0)}
-    if short and not _autoscaling(ray):
+    if short and not autoscaling():
         raise SystemExit("train: --num-workers " + str(args.num_workers) + " needs " + ", ".join(
             f"{v:g} {k} but the cluster has {h:g}" for k, (v, h) in short.items())
             + "; lower --num-workers/--cpus-per-worker or add nodes")
-
-
-def _autoscaling(ray) -> bool:
-    """True on a `ray up` cluster whose autoscaler can add nodes (a local cluster cannot)."""
-    return os.path.exists(os.path.expanduser("~/ray_bootstrap_config.yaml"))
 
 
 def _default_cpus(ray, num_workers: int) -> float:

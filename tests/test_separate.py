@@ -11,7 +11,7 @@ from conftest import ancestors
 from msdm.audio import RatePlan, read_audio, resample, to_mono
 from msdm.checkpoint import load_checkpoint
 from msdm.config import apply_overrides
-from pipelines import generate, separate
+from pipelines import evaluate, generate, separate
 from pipelines.assemble import Assembler
 from pipelines.segments import SeparateSegments, decode_segments, split_segments
 
@@ -447,3 +447,58 @@ def test_bad_entries_become_failed_rows_and_all_failing_exits_non_zero(ray_local
         separate.main(["--ckpt", str(tiny_unet_ckpt), "--input", str(bad), "--output",
                        str(tmp_path / "out2")])
     assert (tmp_path / "out2" / "_manifest.jsonl").exists()
+
+
+def test_a_model_error_on_one_segment_fails_only_its_track(tmp_path, tiny_unet_ckpt):
+    """#17: the model raising on one item of a batch (here a segment of the wrong length, which
+    the U-Net cannot take) gives that track a failed row with the model's error, no partial
+    files, and the other track of the same batches its normal output."""
+    cfg, _ = load_checkpoint(tiny_unet_ckpt)
+    cfg = apply_overrides(cfg, ["sampler.num_steps=2", "data.chunk_samples=8192"])
+    for name, seed in (("good", 0), ("bad", 1)):
+        sf.write(tmp_path / f"{name}.wav", _song(1.2, seed=seed), 44100)
+    rows = []
+    for name in ("good", "bad"):
+        item = {"input": str(tmp_path / f"{name}.wav"), "key": name, "track": name, "parent": "x"}
+        rows += list(decode_segments(item, cfg.data.sample_rate, cfg.data.chunk_samples,
+                                     cfg.separation.margin, cfg.separation.overlap))
+    bad = next(i for i, r in enumerate(rows) if r["key"] == "bad" and r["seg"] == 1)
+    rows[bad]["mixture"] = rows[bad]["mixture"][..., :1001]  # not a multiple of the U-Net's
+    model = SeparateSegments(str(tiny_unet_ckpt), cfg.to_dict())
+    asm = Assembler(cfg, str(tmp_path / "out"), "{track}/{stem}.{ext}", "wav", "FLOAT", "g",
+                    list(STEMS))
+    done = []
+    for i in range(0, len(rows), 4):  # 5 + 5 segments: batch 2 holds good's 5th and bad's 2nd
+        part = rows[i : i + 4]
+        if any(r is rows[bad] for r in part):
+            assert any(r["key"] == "good" for r in part)
+        batch = {k: np.array([r[k] for r in part]) for k in part[0] if k != "mixture"}
+        batch["key"] = batch["key"].astype(object)
+        batch["mixture"] = np.empty(len(part), dtype=object)  # ragged, as Ray passes it
+        batch["mixture"][:] = [r["mixture"] for r in part]
+        split = split_segments(model(batch))
+        for j in range(len(part)):
+            row = asm.add({k: v[j] for k, v in split.items()})
+            done += [row] if row else []
+    done += asm.finish()
+    by_key = {r["key"]: r for r in done}
+    assert set(by_key) == {"good", "bad"}
+    assert by_key["good"]["status"] == "ok" and not by_key["good"]["error"]
+    assert by_key["bad"]["status"] == "failed"
+    assert "model failed on segment 1" in by_key["bad"]["error"]
+    assert not (tmp_path / "out" / "bad").exists() or not any((tmp_path / "out" / "bad").iterdir())
+    good = read_audio(by_key["good"]["outputs"]["bass"])[0]
+    assert good.shape == _song(1.2).T.shape
+
+
+def test_model_actors_that_take_every_cpu_are_refused(ray_local, synth_prepared, tmp_path,
+                                                      tiny_unet_ckpt):
+    """One CPU per model actor: on the 2-CPU test cluster, 2 actors would leave no CPU for the
+    read tasks and the job would wait forever (it did). Both jobs refuse up front."""
+    with pytest.raises(SystemExit, match="leaves none to read the input; use --actors 1"):
+        separate.main(["--ckpt", str(tiny_unet_ckpt), "--input", str(_inputs(tmp_path / "in", 1)),
+                       "--output", str(tmp_path / "out"), "--actors", "2"])
+    with pytest.raises(SystemExit, match="leaves none to read the input; use --actors 1"):
+        evaluate.main(["--ckpt", str(tiny_unet_ckpt), "--data", str(synth_prepared / "prepared"),
+                       "--output", str(tmp_path / "eval"), "--actors", "2"])
+    assert not (tmp_path / "eval" / "results.json").exists()
