@@ -2,6 +2,8 @@
 stereo stems at 44.1 kHz next to the mono model-rate SI-SDRi, same checkpoint, same model calls.
 
     python benchmarks/bench_stereo.py [--train-steps 1500 --train-minutes 12 --songs 3 --steps 20]
+    python benchmarks/bench_stereo.py --config demo --ckpt demo_out/runs/demo/model.ckpt \
+        --sampler-config demo_out/sweeps/demo/best.yaml      # `make demo`'s model and sampler
 
 Songs come from `pipelines.songs` (bass, drums, guitar, piano only; drums are full band), each
 stem panned with constant power to its own random position per song. The `small` preset is
@@ -28,7 +30,7 @@ import torch
 
 from msdm.audio import SegmentPlan, resample
 from msdm.checkpoint import build_denoiser, save
-from msdm.config import apply_overrides, load_config
+from msdm.config import apply_overrides, load_config, load_sampler_yaml
 from msdm.metrics import si_sdri
 from msdm.training import make_ema, make_optimizer, train_step
 from pipelines.assemble import Assembler
@@ -169,6 +171,8 @@ def main(argv=None):
     ap.add_argument("--songs", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=12.0)
     ap.add_argument("--steps", type=int, default=20, help="sampler steps")
+    ap.add_argument("--sampler-config", default=None,
+                    help="YAML of sampler/separation keys (a sweep's best.yaml); replaces --steps")
     ap.add_argument("--out", default=None)
     ap.add_argument("--skip-model", action="store_true", help="score the leaky oracles only")
     ap.add_argument("--leaks", default="0.1,0.3",
@@ -185,7 +189,8 @@ def main(argv=None):
     elif not ckpt.exists():
         print(f"training `{args.config}` for {args.train_steps} steps -> {ckpt}")
         train(cfg, args.train_steps, 20.0, ckpt, args.train_minutes)
-    cfg = apply_overrides(cfg, [])
+    if args.sampler_config:
+        cfg = apply_overrides(cfg, load_sampler_yaml(args.sampler_config))
     rng = np.random.default_rng(7)
     leaks = [float(x) for x in args.leaks.split(",") if x]
     models = [("model", None)] * (not args.skip_model) + [(f"oracle leak {x:g}", x)
@@ -210,8 +215,10 @@ def main(argv=None):
                     sc.setdefault(name, []).append(score(est[name], stereo, stereo.sum(0)))
             print(f"  song {k} {m}: " + ", ".join(f"{n} {np.nanmean(v[-1]):.2f}"
                                                  for n, v in sc.items()), flush=True)
+    smp = cfg.sampler
     print(f"\n{args.songs} songs x {args.seconds:g} s, `{args.config}` preset "
-          f"({cfg.data.sample_rate} Hz), Euler {args.steps} x 1; SI-SDRi in dB\n")
+          f"({cfg.data.sample_rate} Hz), {smp.solver} {smp.num_steps} x {smp.resamples}, "
+          f"churn {smp.s_churn:g}, sigma_max {smp.sigma_max:g}; SI-SDRi in dB\n")
     print("| separator | path | " + " | ".join(STEMS) + " | all |\n|---|---|"
           + "---|" * (len(STEMS) + 1))
     table = {}

@@ -9,7 +9,6 @@ import logging
 import os
 import re
 import resource
-import sys
 import tempfile
 import time
 
@@ -172,6 +171,13 @@ def init_ray(args, paths=(), runtime_env: dict | None = None):
 
 def _start_ray(ray, args, runtime_env):
     env_vars = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "MSDM_"))}
+    if not getattr(args, "verbose", False):
+        # Ray Data actors (a training run's SplitCoordinator) log an INFO line per epoch and
+        # Ray Train's DatasetManager a deprecation warning about Ray's own option: quiet them
+        # in every worker process, not only in the driver (below)
+        quiet = {"RAY_DATA_LOG_LEVEL": "WARNING",
+                 "PYTHONWARNINGS": "ignore:`ExecutionOptions.exclude_resources` is deprecated"}
+        env_vars.update({k: v for k, v in quiet.items() if k not in os.environ})
     renv = dict(runtime_env or {})
     if env_vars:
         renv.setdefault("env_vars", {}).update(env_vars)
@@ -183,12 +189,12 @@ def _start_ray(ray, args, runtime_env):
         # the dashboard hosts the State API that Ray Train's controller polls
         ray.init(address="local", num_cpus=num_cpus, runtime_env=renv or None)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = sys.stderr.isatty()
+    # bars on a terminal, else progress as INFO log lines (seen with --verbose); never the
+    # "Progress bars disabled" warning, which every Ray Data actor would print once
+    ctx.enable_progress_bars, ctx.use_ray_tqdm = True, False
     if not getattr(args, "verbose", False):  # the jobs print their own progress lines
         ctx.print_on_execution_start = False
-        data_log = logging.getLogger("ray.data")
-        data_log.setLevel(logging.WARNING)
-        data_log.addFilter(lambda r: not r.getMessage().startswith("Progress bars disabled"))
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def autoscaling() -> bool:
