@@ -171,17 +171,21 @@ def init_ray(args, paths=(), runtime_env: dict | None = None):
 
 def _start_ray(ray, args, runtime_env):
     env_vars = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "MSDM_"))}
+    address = args.address or os.environ.get("RAY_ADDRESS")
     if not getattr(args, "verbose", False):
         # Ray Data actors (a training run's SplitCoordinator) log an INFO line per epoch and
         # Ray Train's DatasetManager a deprecation warning about Ray's own option: quiet them
-        # in every worker process, not only in the driver (below)
+        # in every worker process, not only in the driver (below). A new local cluster's
+        # workers inherit this process's environment (no runtime env, so Ray's pre-started
+        # workers stay usable); an existing cluster's get it through the job's runtime env.
         quiet = {"RAY_DATA_LOG_LEVEL": "WARNING",
                  "PYTHONWARNINGS": "ignore:`ExecutionOptions.exclude_resources` is deprecated"}
-        env_vars.update({k: v for k, v in quiet.items() if k not in os.environ})
+        for k, v in quiet.items():
+            if k not in os.environ:
+                (env_vars if address else os.environ)[k] = v
     renv = dict(runtime_env or {})
     if env_vars:
         renv.setdefault("env_vars", {}).update(env_vars)
-    address = args.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, runtime_env=renv or None, log_to_driver=True)
     else:
