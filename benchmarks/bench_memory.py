@@ -87,9 +87,10 @@ def rss_mb(pid: int) -> tuple[float, float]:
     return kb.get("VmRSS", 0) / 1024, (kb.get("VmRSS", 0) - kb.get("RssShmem", 0)) / 1024
 
 
-def run_job(cmd: list[str]) -> tuple[float, dict, float]:
+def run_job(cmd: list[str], env: dict | None = None) -> tuple[float, dict, float]:
     """(seconds, {pid: [peak RSS, peak RSS - shared, name]}, peak of the tree's summed RSS)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env)
     peaks: dict[int, list] = {}
     total = [0.0]
     stop = threading.Event()

@@ -100,6 +100,7 @@ class Train:
     seed: int = 12345
     stem: str = ""  # ISDM: train a single-stem prior on this stem; "" = joint model
     bf16: bool = True  # autocast to bfloat16 on CUDA (ignored on CPU)
+    compile: bool = False  # torch.compile the network in place (GPU runs; CPU needs a C++ compiler)
 
     def __post_init__(self):
         counts = ("batch_size", "max_steps", "checkpoint_every", "val_every", "num_to_keep",

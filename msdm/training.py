@@ -50,6 +50,13 @@ def make_ema(model: nn.Module) -> nn.Module:
     return ema.eval().requires_grad_(False)
 
 
+def compile_model(model: nn.Module) -> nn.Module:
+    """torch.compile `model` in place (nn.Module.compile): its state_dict keys, and so its
+    checkpoints, stay those of the eager module. Shapes are static during training."""
+    model.compile(dynamic=False)
+    return model
+
+
 def autocast(device: torch.device, enabled: bool = True):
     """bf16 autocast on CUDA (paper: Lightning "bf16"); a no-op on CPU."""
     if enabled and device.type == "cuda":

@@ -15,7 +15,7 @@ import torch
 from msdm.checkpoint import build_model, load_state, save
 from msdm.config import Config
 from msdm.data import random_crop, random_shift
-from msdm.training import make_ema, make_optimizer, train_step, validation_loss
+from msdm.training import compile_model, make_ema, make_optimizer, train_step, validation_loss
 
 from . import storage
 from .stages import epoch_batches
@@ -66,7 +66,9 @@ def train_loop_per_worker(config: dict) -> None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     denoiser = build_model(cfg).to(device)  # model.kind: U-Net denoiser or regressor
-    ema = make_ema(denoiser)
+    ema = make_ema(denoiser)  # the EMA copy (validation, export) stays eager
+    if cfg.train.compile:
+        compile_model(denoiser)
     opt = make_optimizer(denoiser, cfg)
     step, history = _restore(cfg, denoiser, ema, opt, opts, device)
     model = prepare_model(denoiser)  # [ray] DDP (gloo on CPU, nccl on GPU) when world > 1
