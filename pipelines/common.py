@@ -190,8 +190,10 @@ def _start_ray(ray, args, runtime_env):
         ray.init(address=address, runtime_env=renv or None, log_to_driver=True)
     else:
         num_cpus = args.num_cpus or (2 if args.smoke_test else None)
+        store = getattr(args, "object_store_mb", None)
         # the dashboard hosts the State API that Ray Train's controller polls
-        ray.init(address="local", num_cpus=num_cpus, runtime_env=renv or None)
+        ray.init(address="local", num_cpus=num_cpus, runtime_env=renv or None,
+                 object_store_memory=int(store * (1 << 20)) if store else None)
     ctx = ray.data.DataContext.get_current()
     # bars on a terminal, else progress as INFO log lines (seen with --verbose); never the
     # "Progress bars disabled" warning, which every Ray Data actor would print once

@@ -75,6 +75,9 @@ def build_parser():
     p.add_argument("--actors", type=int, default=1, help="model replicas")
     p.add_argument("--gpus-per-actor", type=float, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="segments per model call")
+    p.add_argument("--object-store-mb", type=float, default=0,
+                   help="object store of the local cluster this job starts (ignored with "
+                        "--address; default: twice the pipeline's streaming budget, >= 384 MB)")
     p.add_argument("--wave-size", type=int, default=16,
                    help="finished tracks per manifest part (resume unit)")
     p.add_argument("--split-tasks", type=int, default=None,
@@ -122,6 +125,9 @@ def main(argv=None) -> dict:
     writer.append(done_rows)
     log(f"separate: {len(items)} inputs, {len(items) - len(todo)} settled, {len(todo)} to do "
         f"-> {args.output} (NFE per segment {separation_nfe(cfg)}, {args.actors} actor(s))")
+    # a local cluster's store sized for the stream: every process's RSS counts the store pages
+    # it touched, and allocations wander over a larger store as a long track streams through
+    args.object_store_mb = args.object_store_mb or max(384, 2 * _budget(args, cfg) / (1 << 20))
     ray = init_ray(args, [args.input, args.output, *ckpt_uris(ckpt)]) if todo else None
     if ray:
         check_actor_cpus(ray, "separate", args.actors, args.gpus_per_actor)
@@ -147,17 +153,33 @@ def main(argv=None) -> dict:
     return {"counts": counts, "manifest": manifest}
 
 
+def _block_bytes(args, cfg) -> int:
+    """Ray Data's target block size: ~2 model batches of segments (input window, model-rate
+    mixture and stems, output-rate stems)."""
+    segment = 4 * cfg.data.chunk_samples * (1 + len(cfg.data.stems)) * 5
+    return max(1 << 20, 2 * args.batch_size * segment)
+
+
+def _budget(args, cfg) -> int:
+    """Object-store bytes the pipeline may hold: a few blocks per stage and model actor."""
+    return max(128 << 20, 3 * (args.actors + 2) * _block_bytes(args, cfg))
+
+
 def _run(ray, args, ckpt, cfg, subtype, names, todo):
     """One streaming pipeline over every track: decode -> model actors -> channel split; the
     driver assembles and writes. Yields manifest rows as tracks finish."""
     # Small blocks: a long track becomes many blocks of segments, so every stage only ever
     # holds a few segments (flat memory); the reorder buffer per track stays small.
-    seg_bytes = 4 * cfg.data.chunk_samples * (1 + len(cfg.data.stems)) * 5
     ctx = ray.data.DataContext.get_current()
-    ctx.target_max_block_size = max(1 << 20, 2 * args.batch_size * seg_bytes)
+    ctx.target_max_block_size = _block_bytes(args, cfg)
     # in order: the driver's reorder buffer then holds ~one block per track (measured: 100
     # segments of a 5-minute track waited there without it)
     ctx.execution_options.preserve_order = True
+    # Ray Data lets queued blocks take a share of the whole object store (30 % of RAM by
+    # default): a long track filled it, and every process that maps the store grew by the pages
+    # it touched (largest process 1.2 GB at 4 min, 2.6 GB at 32 min, benchmarks/bench_memory.py).
+    ctx.execution_options.resource_limits = ray.data.ExecutionResources.for_limits(
+        object_store_memory=_budget(args, cfg))
     ds = ray.data.from_items(todo, override_num_blocks=len(todo))
     ds = ds.flat_map(decode_segments, fn_kwargs={
         "sample_rate": cfg.data.sample_rate, "segment": cfg.data.chunk_samples,
