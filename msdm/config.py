@@ -121,9 +121,13 @@ class Separation:
     margin: float = 0.0625  # long tracks: context margin per segment side, fraction of a chunk
     overlap: float = 0.125  # long tracks: cross-fade length between segment cores, fraction
     init: str = ""  # regressor (hdemucs) checkpoint URI; its estimate starts the sampler (--init)
+    # > 0: refine the sampled stems with soft masks |S_n|^p / sum_m |S_m|^p applied to the
+    # mixture's STFT (Wiener-style; the stems still sum to the mixture); 0 = the paper (off)
+    mask_power: float = 0.0
 
     def __post_init__(self):
         _require(self.gamma > 0, f"gamma must be positive, got {self.gamma}")
+        _require(self.mask_power >= 0, f"mask_power must be >= 0, got {self.mask_power}")
         _require(self.margin >= 0 and self.overlap >= 0 and 2 * self.margin + self.overlap < 1,
                  f"need margin, overlap >= 0 and 2 * margin + overlap < 1 (fractions of a chunk),"
                  f" got margin {self.margin}, overlap {self.overlap}")

@@ -96,3 +96,25 @@ def _blend(est: torch.Tensor, x: torch.Tensor, power: float, cutoff, top) -> tor
     w = (x.abs() / (CANCEL * est.abs().sum(0) + 1e-20)).clamp(max=1.0)  # [F, N]
     masks = soft_masks(est, power, cutoff, top)
     return w * est + masks * (x - w * est.sum(0))
+
+
+def mask_refine(stems: torch.Tensor, mixture: torch.Tensor, power: float,
+                n_fft: int = 512) -> torch.Tensor:
+    """Soft-mask refinement of separated stems [B, S, T] of mixtures [B, 1, T]: each stem
+    becomes iSTFT(M_n X) with M_n = |S_n|^p / sum_m |S_m|^p (`soft_masks`). A stem keeps the
+    mixture's content only where it is loud; the noise that Dirac-separated stems carry and
+    cancel in their sum is removed where another stem dominates. The masks sum to one, so the
+    stems still sum to the mixture (to STFT round-trip rounding)."""
+    b, s, t = stems.shape
+    n_fft = stft_size(t, n_fft)
+    hop, win = n_fft // 4, torch.hann_window(n_fft, device=stems.device)
+
+    def stft(x):
+        return torch.stft(x.float(), n_fft, hop, window=win, center=True, return_complex=True)
+
+    spec_x = stft(mixture[:, 0])  # [B, F, N]
+    spec_s = stft(stems.reshape(b * s, t)).reshape(b, s, *spec_x.shape[-2:])
+    masks = torch.stack([soft_masks(spec_s[i], power) for i in range(b)])  # [B, S, F, N]
+    out = torch.istft((masks * spec_x[:, None]).reshape(b * s, *spec_x.shape[-2:]), n_fft, hop,
+                      window=win, center=True, length=t)
+    return out.reshape(b, s, t)

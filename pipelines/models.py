@@ -10,6 +10,7 @@ regressor whose estimate starts the diffusion sampler. No Ray import.
 from __future__ import annotations
 
 import io
+import math
 import zlib
 
 import numpy as np
@@ -25,6 +26,7 @@ from msdm.checkpoint import (
 from msdm.config import Config
 from msdm.regressor import project_residual
 from msdm.sampling import nfe
+from msdm.stereo import mask_refine
 from msdm.tasks import item_generators, separate
 from msdm.training import autocast
 
@@ -133,4 +135,7 @@ class Separator:
                            cfg.sampler, likelihood=cfg.separation.likelihood,
                            constrained=cfg.separation.constrained, gamma=cfg.separation.gamma,
                            generator=item_generators(seeds, self.device), init=init)
+            if cfg.separation.mask_power > 0:  # ~46 ms frames at the model's rate
+                n_fft = 1 << round(math.log2(2048 * cfg.data.sample_rate / 44100))
+                est = mask_refine(est, mixture, cfg.separation.mask_power, n_fft)
         return est.float().cpu().numpy()
