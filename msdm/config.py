@@ -124,10 +124,14 @@ class Separation:
     # > 0: refine the sampled stems with soft masks |S_n|^p / sum_m |S_m|^p applied to the
     # mixture's STFT (Wiener-style; the stems still sum to the mixture); 0 = the paper (off)
     mask_power: float = 0.0
+    mask_nfft: int = 0  # FFT size of the refinement; 0 = ~93 ms at the model's rate
 
     def __post_init__(self):
         _require(self.gamma > 0, f"gamma must be positive, got {self.gamma}")
         _require(self.mask_power >= 0, f"mask_power must be >= 0, got {self.mask_power}")
+        _require(self.mask_nfft == 0 or (self.mask_nfft >= 16 and
+                                         self.mask_nfft & (self.mask_nfft - 1) == 0),
+                 f"mask_nfft must be 0 or a power of two >= 16, got {self.mask_nfft}")
         _require(self.margin >= 0 and self.overlap >= 0 and 2 * self.margin + self.overlap < 1,
                  f"need margin, overlap >= 0 and 2 * margin + overlap < 1 (fractions of a chunk),"
                  f" got margin {self.margin}, overlap {self.overlap}")

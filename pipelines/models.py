@@ -135,7 +135,8 @@ class Separator:
                            cfg.sampler, likelihood=cfg.separation.likelihood,
                            constrained=cfg.separation.constrained, gamma=cfg.separation.gamma,
                            generator=item_generators(seeds, self.device), init=init)
-            if cfg.separation.mask_power > 0:  # ~46 ms frames at the model's rate
-                n_fft = 1 << round(math.log2(2048 * cfg.data.sample_rate / 44100))
+            if cfg.separation.mask_power > 0:  # default: ~93 ms frames at the model's rate
+                n_fft = cfg.separation.mask_nfft or 1 << round(
+                    math.log2(4096 * cfg.data.sample_rate / 44100))
                 est = mask_refine(est, mixture, cfg.separation.mask_power, n_fft)
         return est.float().cpu().numpy()
