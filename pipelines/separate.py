@@ -168,9 +168,18 @@ def _budget(args, cfg) -> int:
 def _run(ray, args, ckpt, cfg, subtype, names, todo):
     """One streaming pipeline over every track: decode -> model actors -> channel split; the
     driver assembles and writes. Yields manifest rows as tracks finish."""
+    ctx = ray.data.DataContext.get_current()
+    opts = ctx.execution_options
+    saved = ctx.target_max_block_size, opts.preserve_order, opts.resource_limits
+    try:  # the context is the process's: later jobs in it (tests, notebooks) get theirs back
+        yield from _stream(ray, args, ckpt, cfg, subtype, names, todo, ctx)
+    finally:
+        ctx.target_max_block_size, opts.preserve_order, opts.resource_limits = saved
+
+
+def _stream(ray, args, ckpt, cfg, subtype, names, todo, ctx):
     # Small blocks: a long track becomes many blocks of segments, so every stage only ever
     # holds a few segments (flat memory); the reorder buffer per track stays small.
-    ctx = ray.data.DataContext.get_current()
     ctx.target_max_block_size = _block_bytes(args, cfg)
     # in order: the driver's reorder buffer then holds ~one block per track (measured: 100
     # segments of a 5-minute track waited there without it)

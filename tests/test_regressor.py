@@ -179,11 +179,14 @@ def test_separate_and_tune_check_init_in_the_driver(tiny_unet_ckpt, tmp_path):
 
 
 @pytest.mark.slow
-def test_hdemucs_trains_with_ray_and_evaluate_scores_it(synth_prepared, tmp_path):
+def test_hdemucs_trains_with_ray_and_evaluate_scores_it(synth_prepared, tmp_path,
+                                                         tiny_unet_ckpt):
     """The regressor row: pipelines.train with --set model.kind=hdemucs (a 2-step Ray Train
-    fit), its exported checkpoint round-trips, and evaluate scores it at NFE 1. (--init goes
-    through the same Separator, tested above without Ray.)"""
-    from pipelines import train
+    fit), its exported checkpoint round-trips, evaluate scores it at NFE 1, separate writes
+    its stems (summing to the file), and evaluate --init refines its estimate with the U-Net."""
+    import soundfile as sf
+
+    from pipelines import separate, train
 
     data = str(synth_prepared / "prepared")
     out = train.main(["--data", data, "--storage", str(tmp_path / "runs"), "--name", "reg",
@@ -197,6 +200,21 @@ def test_hdemucs_trains_with_ray_and_evaluate_scores_it(synth_prepared, tmp_path
     reg = evaluate.main(["--ckpt", str(ckpt), "--output", str(tmp_path / "ev"), "--data", data,
                          "--max-chunks", "12", "--batch-size", "6"])
     assert reg["nfe"] == 1 and reg["windows"] > 0 and np.isfinite(reg["si_sdri"]["all"])
+    (tmp_path / "in").mkdir()
+    t = np.arange(int(1.5 * 44100)) / 44100
+    song = np.stack([0.3 * np.sin(2 * np.pi * 110 * t), 0.2 * np.sin(2 * np.pi * 330 * t)], 1)
+    sf.write(tmp_path / "in" / "a.wav", song.astype(np.float32), 44100)
+    res = separate.main(["--ckpt", str(ckpt), "--input", str(tmp_path / "in"), "--output",
+                         str(tmp_path / "stems")])
+    row = res["manifest"][str(tmp_path / "in" / "a.wav")]
+    assert row["status"] == "ok" and max(row["residual_db_per_channel"]) < -60, row
+    assert sf.info(row["outputs"]["bass"]).channels == 2
+    refined = evaluate.main(["--ckpt", str(tiny_unet_ckpt), "--init", str(ckpt), "--data", data,
+                             "--output", str(tmp_path / "ev2"), "--max-chunks", "12",
+                             "--batch-size", "6"])
+    unet_cfg, _ = load_checkpoint(tiny_unet_ckpt)
+    assert refined["nfe"] == separation_nfe(unet_cfg) + 1  # + the regressor's pass
+    assert refined["windows"] == reg["windows"] and np.isfinite(refined["si_sdri"]["all"])
 
 
 def test_every_regressor_parameter_gets_a_gradient():
