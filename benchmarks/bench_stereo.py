@@ -11,9 +11,10 @@ trained briefly in-process (or --ckpt reuses one). Each test song is decoded twi
 model rate; stereo at 44.1 kHz): the model segments and seeds are identical, the model runs once,
 and only the channel split differs (the `channels` method separates each channel: its own model
 calls). A leaky oracle (true model-rate stems with a known cross-talk) can stand in for a good
-model (--leaks); `make demo`'s model is a real one (first example above). Scores: SI-SDRi over the whole song per
-stem, stems silent in a song are skipped; stereo rows are the mean over the two channels, at
-44.1 kHz over the full band, plus `channels` at the model rate (the stereo step alone).
+model (--leaks); `make demo`'s model is a real one (first example above). Scores: SI-SDRi
+over the whole song per stem, stems silent in a song are skipped; stereo rows are the mean over
+the two channels, at 44.1 kHz over the full band, plus `channels` at the model rate (the
+stereo step alone).
 """
 
 from __future__ import annotations
