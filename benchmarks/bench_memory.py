@@ -29,6 +29,7 @@ import soundfile as sf
 
 from msdm.checkpoint import build_denoiser, save
 from msdm.config import load_config
+from pipelines.common import rss_mb
 
 SR = 44100
 
@@ -74,17 +75,6 @@ def name(pid: int) -> str:
         return "-m " + args[args.index("-m") + 1]
     script = next((a for a in args[1:] if a.endswith(".py")), args[0])
     return os.path.basename(script)
-
-
-def rss_mb(pid: int) -> tuple[float, float]:
-    kb = {}
-    try:
-        for line in open(f"/proc/{pid}/status"):
-            if line.startswith(("VmRSS:", "RssShmem:")):
-                kb[line.split(":")[0]] = int(line.split()[1])
-    except OSError:
-        pass
-    return kb.get("VmRSS", 0) / 1024, (kb.get("VmRSS", 0) - kb.get("RssShmem", 0)) / 1024
 
 
 def run_job(cmd: list[str], env: dict | None = None) -> tuple[float, dict, float]:

@@ -273,6 +273,19 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def rss_mb(pid: int | str = "self") -> tuple[float, float]:
+    """(RSS, RSS without shared memory) of a process now, in MB (0 if it is gone). The shared
+    part is Ray's object store, one mapping shared by every process of a node."""
+    kb = {}
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith(("VmRSS:", "RssShmem:")):
+                kb[line.split(":")[0]] = int(line.split()[1])
+    except OSError:
+        pass
+    return kb.get("VmRSS", 0) / 1024, (kb.get("VmRSS", 0) - kb.get("RssShmem", 0)) / 1024
+
+
 def private_mb() -> float:
     """Private (anonymous) resident memory now. Unlike RSS it leaves out pages of Ray's shared
     object store, which a worker maps for every block it reads."""

@@ -13,6 +13,7 @@ from msdm.checkpoint import load_checkpoint
 from msdm.config import apply_overrides
 from pipelines import evaluate, generate, separate
 from pipelines.assemble import Assembler
+from pipelines.common import rss_mb
 from pipelines.segments import SeparateSegments, decode_segments, split_segments
 
 SR = 22050
@@ -248,20 +249,6 @@ def _job_pids() -> list[int]:
     return pids
 
 
-def _rss_mb(pid: int) -> tuple[float, float]:
-    """(RSS, RSS without shared memory) in MB. The shared part is Ray's object store, one
-    mapping shared by every process, bounded by the store's size, not by a track's length."""
-    kb = {}
-    try:
-        for line in open(f"/proc/{pid}/status"):
-            if line.startswith(("VmRSS:", "RssShmem:")):
-                kb[line.split(":")[0]] = int(line.split()[1])
-    except OSError:
-        pass
-    rss = kb.get("VmRSS", 0) / 1024
-    return rss, rss - kb.get("RssShmem", 0) / 1024
-
-
 def _peak_rss_while(fn) -> dict[int, np.ndarray]:
     """Peak (RSS, RSS - shared) in MB of every process of the job, sampled while fn() runs."""
     import threading
@@ -272,7 +259,7 @@ def _peak_rss_while(fn) -> dict[int, np.ndarray]:
     def sample():
         while not stop.is_set():
             for pid in _job_pids():
-                peaks[pid] = np.maximum(peaks.get(pid, 0.0), _rss_mb(pid))
+                peaks[pid] = np.maximum(peaks.get(pid, 0.0), rss_mb(pid))
             stop.wait(0.05)
 
     thread = threading.Thread(target=sample, daemon=True)
