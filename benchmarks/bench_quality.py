@@ -5,13 +5,20 @@
 Fixed benchmark (seeds fixed): 60 generated Slakh-format songs of 20 s (`pipelines.synth --seed
 1234`: 42 train, 9 validation, 9 held-out test), prepared with the `small` preset (11.025 kHz,
 1.5 s chunks). Steps, all through the real jobs on a local Ray cluster:
-1. train `small` for --steps (default 4000, ~30 min on 2 CPUs);
-2. a Ray Tune sweep of cheap samplers on the validation split (tune_spaces/cost_aware.yaml);
-3. evaluate on the test split: the paper's sampler (Euler 150 x 2 = 300 NFE), the best swept
-   sampler and fixed cheap candidates; next to the mixture (0 dB) and the ideal ratio mask;
-4. optionally ISDM (--isdm): four single-stem priors sharing the same step budget; MSDM and
+1. train MSDM with the `demo` recipe (the `small` network, lr 2e-3 with warm-up and cosine decay,
+   EMA warm-up) for --steps (default 4000, ~25 min on 2 CPUs);
+2. train the HDemucs regressor (`--set model.kind=hdemucs`, same data, waveform L1) for the same
+   CPU time: its step count is --steps x (MSDM step time / HDemucs step time), both timed here;
+3. Ray Tune sweeps on the validation split: cheap Dirac samplers with and without the soft-mask
+   refinement (tune_spaces/cost_aware.yaml), and the refinement of the regressor's estimate
+   (--init, tune_spaces/refine.yaml, <= 20 NFE);
+4. evaluate on the test split: the paper's sampler (Euler 150 x 2 = 300 NFE, no mask), the
+   checkpoint's and the best swept sampler (with and without the mask), HDemucs alone (NFE 1)
+   and HDemucs + MSDM refinement; next to the mixture (0 dB) and the ideal ratio mask;
+   --candidates adds fixed cheap samplers;
+5. optionally ISDM (--isdm): four single-stem priors sharing the same step budget; MSDM and
    ISDM scored side by side with the swept sampler on the first 3 test songs;
-5. imputation: the exact Gaussian oracle (regression on the conditional mean) and, on the
+6. imputation: the exact Gaussian oracle (regression on the conditional mean) and, on the
    benchmark, the chroma agreement of an imputed piano part with the true one.
 Writes OUT/QUALITY.md, results.json and the plots.
 """
@@ -24,10 +31,12 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from msdm.checkpoint import load_checkpoint
 from msdm.config import SamplerConfig
@@ -43,7 +52,12 @@ CANDIDATES = {  # fixed cheap samplers evaluated next to the paper's (NFE <= 75)
     "euler-75": "sampler:\n  solver: euler\n  num_steps: 75\n  resamples: 1\n  s_churn: 10.0\n",
     "euler-37x2": "sampler:\n  solver: euler\n  num_steps: 37\n  resamples: 2\n  s_churn: 10.0\n",
 }
-PAPER = "sampler:\n  solver: euler\n  num_steps: 150\n  resamples: 2\n  s_churn: 20.0\n"
+PAPER = ("sampler:\n  solver: euler\n  num_steps: 150\n  resamples: 2\n  s_churn: 20.0\n"
+         "  sigma_max: 1.0\nseparation:\n  mask_power: 0.0\n")  # the paper's, raw stems
+# the MSDM recipe (`demo`: small network, lr 2e-3, warm-up + cosine, EMA warm-up) and the regressor
+MSDM_ARGS = ["--config", "demo", "--set", "train.checkpoint_every=500", "--set",
+             "train.val_every=500", "--set", "train.log_every=50"]
+HDEMUCS_ARGS = [*MSDM_ARGS, "--set", "model.kind=hdemucs", "--set", "train.lr=1e-3"]
 
 
 def job(name: str, *args: str) -> None:
@@ -126,14 +140,65 @@ def imputation_coherence(ckpt: Path, split_dir: Path, chunks: int, steps: int) -
     return res
 
 
+def step_seconds(overrides: dict, steps: int = 8) -> float:
+    """Seconds per training step (batch of the preset, random audio) in this process."""
+    from msdm.checkpoint import build_model
+    from msdm.config import load_config
+    from msdm.training import make_optimizer, train_step
+
+    cfg = load_config("demo", overrides)
+    model = build_model(cfg)
+    opt = make_optimizer(model, cfg)
+    x = 0.1 * torch.randn(cfg.train.batch_size, len(cfg.data.stems), cfg.data.chunk_samples,
+                          generator=torch.Generator().manual_seed(0))
+    for i in range(steps + 3):
+        if i == 3:
+            t0 = time.perf_counter()
+        train_step(model, x, opt, cfg, step=i)
+    return (time.perf_counter() - t0) / steps
+
+
+def regressor_steps(out: Path, steps: int) -> int:
+    """HDemucs steps for MSDM's CPU time: steps x (MSDM step time / HDemucs step time)."""
+    path = out / "step_seconds.json"
+    if not path.exists():
+        torch.set_num_threads(2)  # what the Train worker gets (--cpus-per-worker 2)
+        path.write_text(json.dumps({"msdm": step_seconds({}),
+                                    "hdemucs": step_seconds({"model.kind": "hdemucs"})}))
+    t = json.loads(path.read_text())
+    print(f"step time: MSDM {t['msdm']:.3f} s, HDemucs {t['hdemucs']:.3f} s", flush=True)
+    return max(1, round(steps * t["msdm"] / t["hdemucs"]))
+
+
+def sampler_file(out: Path, name: str, text: str) -> str:
+    (out / "samplers").mkdir(exist_ok=True)
+    (out / "samplers" / f"{name}.yaml").write_text(text)
+    return str(out / "samplers" / f"{name}.yaml")
+
+
+def evaluate(out: Path, dest: str, ckpt: Path, data: str, files: list, *extra: str,
+             chunks: int = 0) -> list:
+    """Rows of one evaluate job on the test split (kept when --reuse finds them)."""
+    if not (out / dest / "results.json").exists():
+        job("evaluate", "--ckpt", str(ckpt), "--data", data, "--output", str(out / dest),
+            "--batch-size", "16", "--max-chunks", str(chunks), *extra,
+            *[a for f in files for a in ("--sampler-config", f)])
+    return json.loads((out / dest / "results.json").read_text())["configs"]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", default="bench_out/quality")
     ap.add_argument("--steps", type=int, default=4000)
-    ap.add_argument("--trials", type=int, default=16)
+    ap.add_argument("--trials", type=int, default=12)
+    ap.add_argument("--refine-trials", type=int, default=10)
     ap.add_argument("--isdm", action="store_true", help="also train and score ISDM priors")
+    ap.add_argument("--candidates", action="store_true",
+                    help="also score fixed cheap samplers (4 more evaluations, ~10 min)")
+    ap.add_argument("--eval-chunks", type=int, default=0,
+                    help="score the first N test chunks only (smoke runs; 0 = all)")
     ap.add_argument("--reuse", action="store_true",
-                    help="keep the data, runs, sweep and results of a previous run")
+                    help="keep the data, runs, sweeps and results of a previous run")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
     if not args.reuse:
@@ -146,29 +211,45 @@ def main(argv=None):
         job("prepare", "--input", str(out / "slakh"), "--output", str(out / "prepared"),
             "--config", "small")
     data = str(out / "prepared")
-    ckpt = out / "runs" / "msdm" / "model.ckpt"
+    ckpt, reg = out / "runs" / "msdm" / "model.ckpt", out / "runs" / "hdemucs" / "model.ckpt"
     if not ckpt.exists():
         job("train", "--data", data, "--storage", str(out / "runs"), "--name", "msdm",
-            "--config", "small", "--max-steps", str(args.steps), "--cpus-per-worker", "2")
-    if not (out / "sweep" / "s" / "best.yaml").exists():
-        job("tune", "--ckpt", str(ckpt), "--data", data, "--space", "tune_spaces/cost_aware.yaml",
-            "--num-samples", str(args.trials), "--max-chunks", "48", "--storage",
-            str(out / "sweep"), "--name", "s", "--max-concurrent", "2")
-    (out / "samplers").mkdir(exist_ok=True)
-    files = []
-    for name, text in {"paper": PAPER, **CANDIDATES}.items():
-        (out / "samplers" / f"{name}.yaml").write_text(text)
-        files += ["--sampler-config", str(out / "samplers" / f"{name}.yaml")]
-    shutil.copy(out / "sweep" / "s" / "best.yaml", out / "samplers" / "swept.yaml")
-    files += ["--sampler-config", str(out / "samplers" / "swept.yaml")]
-    if not (args.reuse and (out / "eval" / "results.json").exists()):
-        job("evaluate", "--ckpt", str(ckpt), "--data", data, "--output", str(out / "eval"),
-            "--batch-size", "16", *files)
-    results = json.loads((out / "eval" / "results.json").read_text())
+            *MSDM_ARGS, "--max-steps", str(args.steps), "--cpus-per-worker", "2")
+    reg_steps = regressor_steps(out, args.steps)
+    if not reg.exists():
+        job("train", "--data", data, "--storage", str(out / "runs"), "--name", "hdemucs",
+            *HDEMUCS_ARGS, "--max-steps", str(reg_steps), "--cpus-per-worker", "2")
+    for name, space, trials, extra in (("s", "cost_aware", args.trials, []),
+                                       ("refine", "refine", args.refine_trials,
+                                        ["--init", str(reg)])):
+        if not (out / "sweep" / name / "best.yaml").exists():
+            job("tune", "--ckpt", str(ckpt), "--data", data, "--space",
+                f"tune_spaces/{space}.yaml", "--num-samples", str(trials), "--max-chunks", "32",
+                "--storage", str(out / "sweep"), "--name", name, "--max-concurrent", "2", *extra)
+    swept = yaml.safe_load((out / "sweep" / "s" / "best.yaml").read_text())
+    raw = {**swept, "separation": {**swept.get("separation", {}), "mask_power": 0.0}}
+    masked = {**swept, "separation": {**swept.get("separation", {}), "mask_power": 1.0}}
+    files = [sampler_file(out, "paper", PAPER),
+             sampler_file(out, "swept", yaml.safe_dump(swept))]
+    other = masked if raw == swept else raw  # the swept sampler with the mask switched
+    files.append(sampler_file(out, "swept-mask-" + ("on" if other is masked else "off"),
+                              yaml.safe_dump(other)))
+    if args.candidates:
+        files += [sampler_file(out, n, t) for n, t in CANDIDATES.items()]
+    rows = evaluate(out, "eval", ckpt, data, files, "--skip-checkpoint-sampler",
+                    chunks=args.eval_chunks)
+    rows += [{**r, "name": "HDemucs regressor (one pass)"}
+             for r in evaluate(out, "eval-hdemucs", reg, data, [], chunks=args.eval_chunks)]
+    shutil.copy(out / "sweep" / "refine" / "best.yaml", out / "samplers" / "refined.yaml")
+    rows += [{**r, "name": "HDemucs + MSDM refinement (swept)"}
+             for r in evaluate(out, "eval-refined", ckpt, data,
+                               [str(out / "samplers" / "refined.yaml")], "--init", str(reg),
+                               "--skip-checkpoint-sampler", chunks=args.eval_chunks)]
     prev = json.loads((out / "results.json").read_text()) if args.reuse and (
         out / "results.json").exists() else {}
     report = {"train_minutes": train_minutes(out / "runs" / "msdm"), "steps": args.steps,
-              "msdm": results["configs"],
+              "regressor_minutes": train_minutes(out / "runs" / "hdemucs"),
+              "regressor_steps": reg_steps, "msdm": rows,
               "oracle_irm": oracle_scores(out / "prepared" / "test", 11025)}
     report["imputation_gaussian_oracle"] = prev.get("imputation_gaussian_oracle") or \
         gaussian_imputation()
@@ -200,7 +281,7 @@ def run_isdm(out: Path, data: str, steps: int) -> list:
         ck = out / "runs" / f"isdm-{stem}" / "model.ckpt"
         if not ck.exists():
             job("train", "--data", data, "--storage", str(out / "runs"), "--name",
-                f"isdm-{stem}", "--config", "small", "--stem", stem, "--max-steps",
+                f"isdm-{stem}", *MSDM_ARGS, "--stem", stem, "--max-steps",
                 str(steps // 4), "--cpus-per-worker", "2")
         ckpts.append(f"--ckpt={stem}={ck}")
     rows = []
@@ -215,18 +296,39 @@ def run_isdm(out: Path, data: str, steps: int) -> list:
     return rows
 
 
+def table3(r: dict, rows: list) -> list:
+    """The paper's Table 3 rows on this benchmark, with training CPU time, NFE and seconds."""
+    def row(label, match, minutes):
+        for c in rows:
+            if c["name"].startswith(match) and "songs" not in c["name"]:
+                t = f"{minutes:.0f}" if minutes is not None else "-"
+                return [f"| {label} | {c['si_sdri']['all']:.2f} | {t} | {c['nfe']} | "
+                        f"{c['seconds']:.0f} |"]
+        return []
+
+    msdm, reg = r["train_minutes"], r.get("regressor_minutes")
+    return ["| Table 3 row (9 test songs) | SI-SDRi all (dB) | training (min, 2 CPUs) | NFE | "
+            "separation (s) |", "|---|---|---|---|---|",
+            *row("mixture", "mixture", None), *row("ideal ratio mask (oracle)", "oracle", None),
+            *row("HDemucs (regressor, L1)", "HDemucs regressor", reg),
+            *row("MSDM, paper sampler (Dirac, Euler 150 x 2)", "paper", msdm),
+            *row("MSDM, swept sampler", "swept", msdm),
+            *row("HDemucs + MSDM refinement (--init, swept)", "HDemucs +",
+                 None if reg is None else msdm + reg)]
+
+
 def write_markdown(out: Path, r: dict) -> None:
     from pipelines.report import markdown_table, plot_nfe, plot_stem_bars, read_csv
 
-    # the small preset's own sampler is the paper's: its row duplicates "paper"
-    rows = [dict(c) for c in r["msdm"] if c["name"] != "checkpoint sampler"]
+    rows = [{**c, "name": "checkpoint sampler (demo recipe)"} if c["name"] == "checkpoint sampler"
+            else dict(c) for c in r["msdm"]]
     rows.append({"name": "oracle IRM (sees the true stems)", "si_sdri": r["oracle_irm"],
                  "windows": rows[0]["windows"], "nfe": 0, "seconds": 0.0})
     rows.append({"name": "mixture as estimate", "si_sdri": {s: 0.0 for s in (*STEMS, "all")},
                  "windows": rows[0]["windows"], "nfe": 0, "seconds": 0.0})
     rows += r.get("isdm", [])
-    plot_stem_bars([x for x in rows if "same_as" not in x
-                    and (x["nfe"] in (0, 300) or "swept" in x["name"])], STEMS,
+    plot_stem_bars([x for x in rows if "same_as" not in x and "songs" not in x["name"]
+                    and x["name"].split(" ")[0] not in CANDIDATES], STEMS,
                    str(out / "si_sdri.png"), "held-out SI-SDRi (dB)")
     trials = read_csv(str(out / "sweep" / "s" / "trials.csv"))
     pts = [(float(t["nfe"]), float(t["si_sdri"]), "") for t in trials]
@@ -235,9 +337,11 @@ def write_markdown(out: Path, r: dict) -> None:
     plot_nfe(pts, str(out / "si_sdri_vs_nfe.png"))
     imp_o, imp_b = r["imputation_gaussian_oracle"], r["imputation_benchmark"]
     lines = ["# Quality benchmark", "",
-             f"`small` preset trained {r['steps']} steps ({r['train_minutes']:.0f} min of Ray "
-             "Train on 2 CPUs) on 42 generated songs; scored on 9 held-out songs.", "",
-             markdown_table(rows, STEMS), "", "![SI-SDRi](si_sdri.png)",
+             f"MSDM (`demo` recipe: `small` network) trained {r['steps']} steps "
+             f"({r['train_minutes']:.0f} min of Ray Train on 2 CPUs), HDemucs "
+             f"{r.get('regressor_steps', '-')} steps ({r.get('regressor_minutes', 0):.0f} min), "
+             "on 42 generated songs; scored on 9 held-out songs.", "",
+             markdown_table(rows, STEMS), "", *table3(r, rows), "", "![SI-SDRi](si_sdri.png)",
              "![SI-SDRi vs NFE](si_sdri_vs_nfe.png)", "",
              "## Imputation", "", "| method | regression on E[x_u|x_k] (exact: 1) | spread vs "
              "exact | NFE |", "|---|---|---|---|",
