@@ -114,6 +114,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--minutes", default="4,32", help="comma-separated track lengths")
     ap.add_argument("--config", default="small")
     ap.add_argument("--steps", type=int, default=1, help="sampler steps")
+    ap.add_argument("--budget-mb", type=float, default=0,
+                    help="separate --budget-mb (default: the job's own)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     work = Path(args.out or tempfile.mkdtemp(prefix="bench-memory-"))
@@ -128,7 +130,7 @@ def main(argv=None) -> dict:
         write_song(path, 60 * minutes)
         cmd = [sys.executable, "-m", "pipelines.separate", "--ckpt", str(ckpt), "--input",
                str(path), "--output", str(work / "out" / f"{minutes:g}"), "--num-cpus", "2",
-               "--set", f"sampler.num_steps={args.steps}"]
+               "--set", f"sampler.num_steps={args.steps}", "--budget-mb", str(args.budget_mb)]
         print(f"{minutes:g} min: {' '.join(cmd[1:])}", flush=True)
         secs, peaks, total = run_job(cmd)
         top = max(peaks.values(), key=lambda v: v[0])
@@ -142,7 +144,7 @@ def main(argv=None) -> dict:
               f"tree {total:.0f} MB", flush=True)
     base = rows[0]
     print(f"\n`{args.config}` model, {args.steps} sampler step(s), stereo 44.1 kHz input, "
-          "default flags\n")
+          f"stream budget {args.budget_mb or 'default'} MB\n")
     print("| track | wall s | largest process RSS MB | growth | largest RSS - shared MB | "
           "growth | process tree RSS MB | growth |\n|---|---|---|---|---|---|---|---|")
     for r in rows:

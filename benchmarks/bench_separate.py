@@ -99,6 +99,8 @@ def main(argv=None):
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--steps", type=int, default=40, help="sampler steps (x1 resample)")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--budget-mb", type=float, default=0,
+                    help="separate --budget-mb (default: the job's own)")
     ap.add_argument("--gpu-paper", action="store_true")
     args = ap.parse_args(argv)
     if args.gpu_paper:
@@ -127,14 +129,15 @@ def main(argv=None):
     from pipelines import separate
 
     common = ["--ckpt", str(work / "m.ckpt"), "--actors", "1", "--batch-size",
-              str(args.batch_size)]
+              str(args.batch_size), "--budget-mb", str(args.budget_mb)]
     separate.main(common + ["--input", str(files[0]), "--output", str(work / "warm")])
     t0 = time.perf_counter()
     separate.main(common + ["--input", str(work / "in"), "--output", str(work / "ray")])
     ours = args.files * args.seconds / (time.perf_counter() - t0)
     ray.shutdown()
     print(f"\nconfig {args.config}, {args.files} files x {args.seconds:g} s, {args.steps} steps, "
-          f"batch {args.batch_size}, 1 model thread")
+          f"batch {args.batch_size}, 1 model thread, stream budget "
+          f"{args.budget_mb or 'default'} MB")
     print("\n| path | audio s per wall s | ratio |\n|---|---|---|")
     print(f"| plain in-process loop | {plain:.2f} | 1.00 |")
     print(f"| Ray Data job, 1 model actor (+ CPU stages) | {ours:.2f} | {ours / plain:.2f} |")

@@ -78,6 +78,9 @@ def build_parser():
     p.add_argument("--object-store-mb", type=float, default=0,
                    help="object store of the local cluster this job starts (ignored with "
                         "--address; default: twice the pipeline's streaming budget, >= 384 MB)")
+    p.add_argument("--budget-mb", type=float, default=0,
+                   help="object-store memory the stream may hold (default: 3 blocks per stage "
+                        "and model actor, >= 128 MB); more buys throughput with memory")
     p.add_argument("--wave-size", type=int, default=16,
                    help="finished tracks per manifest part (resume unit)")
     p.add_argument("--split-tasks", type=int, default=None,
@@ -161,7 +164,10 @@ def _block_bytes(args, cfg) -> int:
 
 
 def _budget(args, cfg) -> int:
-    """Object-store bytes the pipeline may hold: a few blocks per stage and model actor."""
+    """Object-store bytes the pipeline may hold: --budget-mb, or a few blocks per stage and
+    model actor."""
+    if args.budget_mb:
+        return int(args.budget_mb * (1 << 20))
     return max(128 << 20, 3 * (args.actors + 2) * _block_bytes(args, cfg))
 
 

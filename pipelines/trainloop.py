@@ -72,7 +72,8 @@ def train_loop_per_worker(config: dict) -> None:
     opt = make_optimizer(denoiser, cfg)
     step, history = _restore(cfg, denoiser, ema, opt, opts, device)
     model = prepare_model(denoiser)  # [ray] DDP (gloo on CPU, nccl on GPU) when world > 1
-    val_x = torch.from_numpy(ray.get(opts["val_ref"])).to(device) if rank == 0 else None  # [ray]
+    # a copy: the object store's array is read-only
+    val_x = torch.tensor(ray.get(opts["val_ref"]), device=device) if rank == 0 else None  # [ray]
     gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank + 7919 * step)
     per_worker = cfg.train.batch_size // world  # the driver checked that it divides
     shard = ray.train.get_dataset_shard("train")  # [ray]
