@@ -30,7 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_core.py
 
 bench-quality: $(STAMP)
-	$(BIN)/python benchmarks/bench_quality.py --isdm
+	$(BIN)/python benchmarks/bench_quality.py $(ARGS)
 
 bench-all: $(STAMP)
 	$(BIN)/python benchmarks/bench_core.py

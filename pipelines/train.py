@@ -47,6 +47,9 @@ def build_parser():
     p.add_argument("--warm-start", default=None, help="model.ckpt to fine-tune from")
     p.add_argument("--stem", default=None, help="ISDM: train a single-stem prior of this stem")
     p.add_argument("--max-failures", type=int, default=3, help="worker failures to recover from")
+    p.add_argument("--object-store-mb", type=float, default=0,
+                   help="object store of the local cluster this job starts (ignored with "
+                        "--address; default: Ray's, 30 %% of RAM)")
     return p
 
 
