@@ -58,7 +58,9 @@ def resample(x, orig_sr: int, new_sr: int):
     if orig_sr == new_sr:
         return x
     is_np = isinstance(x, np.ndarray)
-    t = torch.from_numpy(np.ascontiguousarray(x)) if is_np else x
+    if is_np:  # object-store arrays are read-only: copy those (torch warns on them)
+        x = np.ascontiguousarray(x) if x.flags.writeable else np.array(x)
+    t = torch.from_numpy(x) if is_np else x
     rows = t.float().reshape(-1, t.shape[-1])
     # one row at a time: measured faster than one batched conv on CPU, and less peak memory
     kernel = _kernel(int(orig_sr), int(new_sr))
