@@ -230,13 +230,13 @@ def main(argv=None):
                 f"tune_spaces/{space}.yaml", "--num-samples", str(trials), "--max-chunks", "32",
                 "--storage", str(out / "sweep"), "--name", name, "--max-concurrent", "2", *extra)
     swept = yaml.safe_load((out / "sweep" / "s" / "best.yaml").read_text())
-    raw = {**swept, "separation": {**swept.get("separation", {}), "mask_power": 0.0}}
-    masked = {**swept, "separation": {**swept.get("separation", {}), "mask_power": 1.0}}
     files = [sampler_file(out, "paper", PAPER),
              sampler_file(out, "swept", yaml.safe_dump(swept))]
     if args.mask_ab:  # the swept sampler with the soft-mask refinement switched
-        other = masked if raw == swept else raw
-        files.append(sampler_file(out, "swept-mask-" + ("on" if other is masked else "off"),
+        on = not swept.get("separation", {}).get("mask_power", 0.0)
+        other = {**swept, "separation": {**swept.get("separation", {}),
+                                         "mask_power": 1.0 if on else 0.0}}
+        files.append(sampler_file(out, "swept-mask-" + ("on" if on else "off"),
                                   yaml.safe_dump(other)))
     if args.candidates:
         files += [sampler_file(out, n, t) for n, t in CANDIDATES.items()]
