@@ -116,6 +116,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=1, help="sampler steps")
     ap.add_argument("--budget-mb", type=float, default=0,
                     help="separate --budget-mb (default: the job's own)")
+    ap.add_argument("--object-store-mb", type=float, default=0,
+                    help="separate --object-store-mb (default: the job's own, 2x the budget)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     work = Path(args.out or tempfile.mkdtemp(prefix="bench-memory-"))
@@ -130,7 +132,8 @@ def main(argv=None) -> dict:
         write_song(path, 60 * minutes)
         cmd = [sys.executable, "-m", "pipelines.separate", "--ckpt", str(ckpt), "--input",
                str(path), "--output", str(work / "out" / f"{minutes:g}"), "--num-cpus", "2",
-               "--set", f"sampler.num_steps={args.steps}", "--budget-mb", str(args.budget_mb)]
+               "--set", f"sampler.num_steps={args.steps}", "--budget-mb", str(args.budget_mb),
+               "--object-store-mb", str(args.object_store_mb)]
         print(f"{minutes:g} min: {' '.join(cmd[1:])}", flush=True)
         secs, peaks, total = run_job(cmd)
         top = max(peaks.values(), key=lambda v: v[0])
@@ -144,7 +147,8 @@ def main(argv=None) -> dict:
               f"tree {total:.0f} MB", flush=True)
     base = rows[0]
     print(f"\n`{args.config}` model, {args.steps} sampler step(s), stereo 44.1 kHz input, "
-          f"stream budget {args.budget_mb or 'default'} MB\n")
+          f"stream budget {args.budget_mb or 'default'} MB, object store "
+          f"{args.object_store_mb or 'default'} MB\n")
     print("| track | wall s | largest process RSS MB | growth | largest RSS - shared MB | "
           "growth | process tree RSS MB | growth |\n|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -101,6 +101,8 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--budget-mb", type=float, default=0,
                     help="separate --budget-mb (default: the job's own)")
+    ap.add_argument("--object-store-mb", type=float, default=0,
+                    help="object store of the local cluster (default: Ray's, 30 %% of RAM)")
     ap.add_argument("--gpu-paper", action="store_true")
     args = ap.parse_args(argv)
     if args.gpu_paper:
@@ -125,7 +127,9 @@ def main(argv=None):
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
-    ray.init(address="local", num_cpus=2)
+    store = {"object_store_memory": int(args.object_store_mb * (1 << 20))} \
+        if args.object_store_mb else {}
+    ray.init(address="local", num_cpus=2, **store)
     from pipelines import separate
 
     common = ["--ckpt", str(work / "m.ckpt"), "--actors", "1", "--batch-size",
@@ -137,7 +141,7 @@ def main(argv=None):
     ray.shutdown()
     print(f"\nconfig {args.config}, {args.files} files x {args.seconds:g} s, {args.steps} steps, "
           f"batch {args.batch_size}, 1 model thread, stream budget "
-          f"{args.budget_mb or 'default'} MB")
+          f"{args.budget_mb or 'default'} MB, object store {args.object_store_mb or 'default'} MB")
     print("\n| path | audio s per wall s | ratio |\n|---|---|---|")
     print(f"| plain in-process loop | {plain:.2f} | 1.00 |")
     print(f"| Ray Data job, 1 model actor (+ CPU stages) | {ours:.2f} | {ours / plain:.2f} |")

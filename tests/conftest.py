@@ -21,6 +21,13 @@ import torch
 from msdm.config import get_preset
 from msdm.diffusion import GaussianDenoiser
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest workers on 2 cores next to their Ray workers: one thread each.
+    # Two torch threads in a worker that shares its core spin against each other (measured: the
+    # overfit test took 44 s under `-n 2` with two threads, 6 s alone with one).
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 # A 4-stem prior with distinct variances and correlations (variance ~ sigma_data^2).
 COV = torch.tensor(
     [[0.040, 0.020, 0.010, 0.015],

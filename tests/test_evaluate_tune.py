@@ -48,13 +48,13 @@ def _direct(ckpt, split_dir, overrides=None, seed=0):
 def test_evaluate_matches_direct_computation(synth_prepared, tiny_unet_ckpt, tmp_path):
     data = synth_prepared / "prepared"
     same = tmp_path / "same.yaml"  # the checkpoint's own sampler, written out: reused, not re-run
-    same.write_text("sampler:\n  num_steps: 20\nseparation:\n  likelihood: dirac\n")
+    same.write_text("sampler:\n  num_steps: 6\nseparation:\n  likelihood: dirac\n")
     out = evaluate.main(["--ckpt", str(tiny_unet_ckpt), "--data", str(data), "--output",
                          str(tmp_path / "eval"), "--batch-size", "5", "--sampler-config",
-                         str(same)])
+                         str(same), "--set", "sampler.num_steps=6"])
     assert out["configs"][1]["same_as"] == "checkpoint sampler"
     assert out["configs"][1]["si_sdri"] == out["configs"][0]["si_sdri"]
-    scores, windows, by_refs = _direct(tiny_unet_ckpt, data / "test")
+    scores, windows, by_refs = _direct(tiny_unet_ckpt, data / "test", {"sampler.num_steps": 6})
     # 9 s songs at 22050 Hz in 4096-sample chunks: 48 chunks = 8.9 s -> 4 windows (4 s / 2 s)
     assert out["windows"] == windows == by_refs == 4
     for stem, v in scores.items():
@@ -62,7 +62,7 @@ def test_evaluate_matches_direct_computation(synth_prepared, tiny_unet_ckpt, tmp
     saved = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert set(saved) >= {"si_sdri", "windows", "nfe", "seconds"}
     assert set(saved["si_sdri"]) == {"bass", "drums", "guitar", "piano", "all"}
-    assert saved["nfe"] == 20  # tiny preset: 20 Euler steps x 1
+    assert saved["nfe"] == 6  # 6 Euler steps x 1
     assert (tmp_path / "eval" / "si_sdri.png").stat().st_size > 1000
     assert "| checkpoint sampler |" in (tmp_path / "eval" / "results.md").read_text()
 
@@ -71,14 +71,17 @@ def test_evaluate_matches_direct_computation(synth_prepared, tiny_unet_ckpt, tmp
 def test_tune_four_trials_and_best_yaml_round_trips_into_evaluate(synth_prepared, tiny_unet_ckpt,
                                                                   tmp_path, capfd):
     data = synth_prepared / "prepared"
+    space = yaml.safe_load((ROOT / "tune_spaces" / "cost_aware.yaml").read_text())
+    space["space"]["sampler.num_steps"] = {"choice": [2, 3, 4]}  # the real space, cheap trials
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
     res = tune.main(["--ckpt", str(tiny_unet_ckpt), "--data", str(data), "--space",
-                     str(ROOT / "tune_spaces" / "cost_aware.yaml"), "--num-samples", "4",
+                     str(tmp_path / "space.yaml"), "--num-samples", "4",
                      "--storage", str(tmp_path / "sweeps"), "--name", "s", "--max-chunks", "24",
                      "--smoke-test"])
     sweep = tmp_path / "sweeps" / "s"
     assert len(res["trials"]) == 4
     again = tune.main(["--ckpt", str(tiny_unet_ckpt), "--data", str(data), "--space",
-                       str(ROOT / "tune_spaces" / "cost_aware.yaml"), "--num-samples", "4",
+                       str(tmp_path / "space.yaml"), "--num-samples", "4",
                        "--storage", str(tmp_path / "sweeps"), "--name", "s", "--max-chunks", "24",
                        "--smoke-test"])  # same name: the finished sweep is restored, not re-run
     assert "resuming sweep" in capfd.readouterr().out

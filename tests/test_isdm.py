@@ -29,18 +29,21 @@ def test_four_single_stem_priors_separate_together(synth_prepared, tmp_path):
         save(ckpts[stem], other, build_denoiser(other))
     args = [f"--ckpt={s}={ckpts[s]}" for s in STEMS]
     res = evaluate.main(args + ["--data", data, "--output", str(tmp_path / "eval"),
-                                "--max-chunks", "24", "--split", "validation"])
+                                "--max-chunks", "24", "--split", "validation",
+                                "--set", "sampler.num_steps=4"])
     assert res["windows"] >= 1 and res["configs"][0]["sampler"]["s_churn"] == 40.0  # ISDM default
 
     mix = np.random.default_rng(0).standard_normal(22050).astype(np.float32) * 0.05
     (tmp_path / "in").mkdir()
     sf.write(tmp_path / "in" / "m.wav", mix, 22050, subtype="FLOAT")
     sep = separate.main(args + ["--input", str(tmp_path / "in"), "--output",
-                                str(tmp_path / "sep")])
+                                str(tmp_path / "sep"), "--set", "sampler.num_steps=4"])
     row = sep["manifest"][str(tmp_path / "in" / "m.wav")]
     assert row["status"] == "ok"
-    total = sum(read_audio(row["outputs"][s])[0][0] for s in STEMS)  # recomputed from the files
-    assert np.abs(total - mix).max() < 1e-5  # stems sum to the mixture
+    stems = [read_audio(row["outputs"][s])[0][0] for s in STEMS]  # recomputed from the files
+    # stems sum to the mixture up to float32 rounding of the (untrained) priors' estimates
+    tol = 1e-6 + 8 * np.finfo(np.float32).eps * max(np.abs(x).max() for x in stems)
+    assert np.abs(sum(stems) - mix).max() < tol, tol
 
     with pytest.raises(CheckpointError, match="missing"):
         evaluate.main(args[:3] + ["--data", data, "--output", str(tmp_path / "e2")])

@@ -211,9 +211,10 @@ def test_hdemucs_trains_with_ray_and_evaluate_scores_it(synth_prepared, tmp_path
     assert sf.info(row["outputs"]["bass"]).channels == 2
     refined = evaluate.main(["--ckpt", str(tiny_unet_ckpt), "--init", str(ckpt), "--data", data,
                              "--output", str(tmp_path / "ev2"), "--max-chunks", "12",
-                             "--batch-size", "6"])
+                             "--batch-size", "6", "--set", "sampler.num_steps=4"])
     unet_cfg, _ = load_checkpoint(tiny_unet_ckpt)
-    assert refined["nfe"] == separation_nfe(unet_cfg) + 1  # + the regressor's pass
+    unet_cfg = apply_overrides(unet_cfg, {"sampler.num_steps": 4})
+    assert refined["nfe"] == separation_nfe(unet_cfg) + 1 == 5  # + the regressor's pass
     assert refined["windows"] == reg["windows"] and np.isfinite(refined["si_sdri"]["all"])
 
 

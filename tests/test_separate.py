@@ -257,8 +257,12 @@ def _peak_rss_while(fn) -> dict[int, np.ndarray]:
     stop = threading.Event()
 
     def sample():
+        pids, tick = [], 0
         while not stop.is_set():
-            for pid in _job_pids():
+            if tick % 5 == 0:  # the /proc scan for new workers every 0.25 s, RSS every 0.05 s
+                pids = _job_pids()
+            tick += 1
+            for pid in pids:
                 peaks[pid] = np.maximum(peaks.get(pid, 0.0), rss_mb(pid))
             stop.wait(0.05)
 
