@@ -143,8 +143,13 @@ def ray_local(s3_server):
 
     os.environ["RAY_AUTH_MODE"] = "disabled"
     tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    # idle task workers are kept (Ray kills those above the CPU count after 1 s): a test run
+    # starts ~50 worker processes, each paying the torch import, and most of them only to
+    # replace one just killed
     ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=tmp,
-             configure_logging=False, log_to_driver=True)
+             configure_logging=False, log_to_driver=True,
+             _system_config={"idle_worker_killing_time_threshold_ms": 300_000,
+                             "num_workers_soft_limit": 6})
     yield ray
     ray.shutdown()
     shutil.rmtree(tmp, ignore_errors=True)
