@@ -34,6 +34,9 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--songs", type=int, default=180)
     ap.add_argument("--store-mb", type=float, default=96)
+    ap.add_argument("--double", action="store_true",
+                    help="also a split of twice the full one (its shards copied twice), ~8x "
+                         "the store, trained for the same steps")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     work = Path(args.out or tempfile.mkdtemp(prefix="bench-train-memory-"))
@@ -52,13 +55,23 @@ def main(argv=None) -> dict:
         (quarter / "train").mkdir(parents=True)
         for f in shards[: max(1, len(shards) // 4)]:
             shutil.copy(f, quarter / "train" / f.name)
+    sets = [("quarter", quarter), ("full", full)]
+    if args.double:
+        double = work / "double"
+        if not double.exists():
+            shutil.copytree(full / "validation", double / "validation")
+            (double / "train").mkdir(parents=True)
+            for f in sorted((full / "train").glob("*.parquet")):
+                for copy in ("a", "b"):
+                    shutil.copy(f, double / "train" / f"{copy}-{f.name}")
+        sets.append(("double", double))
     n_shards = sum(1 for _ in (full / "train").glob("*.parquet"))
     import pyarrow.parquet as pq
 
     rows = sum(pq.ParquetFile(f).metadata.num_rows for f in (full / "train").glob("*.parquet"))
     steps = int(1.2 * rows / 8)  # batch 8: a bit more than one epoch of the full split
     results = {}
-    for name, data in (("quarter", quarter), ("full", full)):
+    for name, data in sets:
         cmd = [sys.executable, "-m", "pipelines.train", "--data", str(data), "--storage",
                str(work / "runs"), "--name", name, "--config", "small", "--max-steps",
                str(steps), "--object-store-mb", str(args.store_mb), "--num-cpus", "2",
@@ -76,16 +89,25 @@ def main(argv=None) -> dict:
     print(f"\n{n_shards} train shards, {rows} chunks; {steps} steps of batch 8 on each; object "
           f"store {args.store_mb:g} MB; full split = {f['train_mb'] / args.store_mb:.1f}x the "
           "store\n")
-    print(f"| process (peak RSS MB) | quarter ({q['train_mb']:.0f} MB) | full "
-          f"({f['train_mb']:.0f} MB) | growth |\n|---|---|---|---|")
-    for proc in sorted(set(q["processes"]) | set(f["processes"]),
-                       key=lambda p: -f["processes"].get(p, 0.0)):
-        a, b = q["processes"].get(proc, 0.0), f["processes"].get(proc, 0.0)
-        if max(a, b) >= 50:  # skip short-lived helpers
-            print(f"| {proc} | {a:.0f} | {b:.0f} | {100 * (b / a - 1) if a else 0:+.0f} % |")
-    print(f"| whole tree (summed) | {q['tree_mb']:.0f} | {f['tree_mb']:.0f} | "
-          f"{100 * (f['tree_mb'] / q['tree_mb'] - 1):+.0f} % |")
-    print(f"\nwall time: quarter {q['seconds']:.0f} s, full {f['seconds']:.0f} s")
+    names = [n for n, _ in sets]
+    print("| process (peak RSS MB) | " + " | ".join(
+        f"{n} ({results[n]['train_mb']:.0f} MB, {results[n]['train_mb'] / args.store_mb:.1f}x "
+        "store)" for n in names) + " | growth from quarter |\n|" + "---|" * (len(names) + 2))
+    last = results[names[-1]]
+    for proc in sorted(set().union(*(results[n]["processes"] for n in names)),
+                       key=lambda p: -last["processes"].get(p, 0.0)):
+        vals = [results[n]["processes"].get(proc, 0.0) for n in names]
+        if max(vals) >= 50:  # skip short-lived helpers
+            growth = ", ".join(f"{100 * (v / vals[0] - 1):+.0f} %" if vals[0] else "-"
+                               for v in vals[1:])
+            print(f"| {proc} | " + " | ".join(f"{v:.0f}" for v in vals) + f" | {growth} |")
+    top = [max(results[n]["processes"].values()) for n in names]  # names vary, sizes do not
+    print("| largest process | " + " | ".join(f"{v:.0f}" for v in top) + " | " +
+          ", ".join(f"{100 * (v / top[0] - 1):+.0f} %" for v in top[1:]) + " |")
+    tree = [results[n]["tree_mb"] for n in names]
+    print("| whole tree (summed) | " + " | ".join(f"{v:.0f}" for v in tree) + " | " +
+          ", ".join(f"{100 * (v / tree[0] - 1):+.0f} %" for v in tree[1:]) + " |")
+    print("\nwall time: " + ", ".join(f"{n} {results[n]['seconds']:.0f} s" for n in names))
     return results
 
 
