@@ -85,7 +85,7 @@ def main(argv=None) -> dict:
             byname[proc] = max(byname.get(proc, 0.0), rss)
         results[name] = {"seconds": secs, "train_mb": size_mb(data / "train"),
                          "tree_mb": total, "processes": byname}
-    q, f = results["quarter"], results["full"]
+    f = results["full"]
     print(f"\n{n_shards} train shards, {rows} chunks; {steps} steps of batch 8 on each; object "
           f"store {args.store_mb:g} MB; full split = {f['train_mb'] / args.store_mb:.1f}x the "
           "store\n")
