@@ -95,7 +95,7 @@ def resolve_config(args, base: Config | None = None, sampler_files=()) -> Config
     if args.overrides:
         cfg = apply_overrides(cfg, args.overrides)
     if getattr(args, "init", None):
-        cfg = apply_overrides(cfg, {"separation.init": args.init})
+        cfg = apply_overrides(cfg, {"separation.init": storage.absolute(args.init)})
     if base is not None:
         _check_fixed(base, cfg)
         check_init(cfg)
@@ -118,7 +118,7 @@ def parse_ckpt(values) -> str | dict[str, str]:
         raise ValueError("--ckpt is required")
     pairs = [re.match(r"^([A-Za-z][\w-]*)=(.+)$", v) for v in values]
     if len(values) == 1 and pairs[0] is None:
-        return values[0]
+        return storage.absolute(values[0])
     out = {}
     for v, m in zip(values, pairs):
         if m is None:
@@ -127,7 +127,7 @@ def parse_ckpt(values) -> str | dict[str, str]:
         stem, uri = m.groups()
         if stem in out:
             raise ValueError(f"--ckpt given twice for stem {stem!r}")
-        out[stem] = uri
+        out[stem] = storage.absolute(uri)
     return out
 
 

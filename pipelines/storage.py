@@ -26,6 +26,15 @@ def is_remote(uri: str) -> bool:
     return "://" in str(uri) and not str(uri).startswith("file://")
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute (remote URIs unchanged): Ray Tune runs each trial in its own
+    working directory, so a relative path the driver resolved would name nothing there."""
+    uri = str(uri)
+    if is_remote(uri):
+        return uri
+    return os.path.abspath(uri[len("file://"):] if uri.startswith("file://") else uri)
+
+
 def get_fs(uri: str):
     """(filesystem, path) for a URI; local paths are made absolute."""
     uri = str(uri)

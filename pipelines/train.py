@@ -129,6 +129,7 @@ def main(argv=None) -> dict:
     storage.check_writable(args.storage)
     _check_data(args.data, cfg)
     if args.warm_start:
+        args.warm_start = storage.absolute(args.warm_start)  # read in the workers
         _check_warm_start(args.warm_start, cfg)
     resuming = any(n.startswith("checkpoint_") for n in storage.listdir(run_uri))
     log(f"train: run {run_uri} ({'resuming' if resuming else 'new run'}), "

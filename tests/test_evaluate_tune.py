@@ -1,6 +1,7 @@
 """pipelines.evaluate and pipelines.tune on generated data with an analytic checkpoint."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +75,8 @@ def test_tune_four_trials_and_best_yaml_round_trips_into_evaluate(synth_prepared
     space = yaml.safe_load((ROOT / "tune_spaces" / "cost_aware.yaml").read_text())
     space["space"]["sampler.num_steps"] = {"choice": [2, 3, 4]}  # the real space, cheap trials
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
-    res = tune.main(["--ckpt", str(tiny_unet_ckpt), "--data", str(data), "--space",
+    # a relative --ckpt: each Tune trial runs in its own working directory
+    res = tune.main(["--ckpt", os.path.relpath(tiny_unet_ckpt), "--data", str(data), "--space",
                      str(tmp_path / "space.yaml"), "--num-samples", "4",
                      "--storage", str(tmp_path / "sweeps"), "--name", "s", "--max-chunks", "24",
                      "--smoke-test"])
