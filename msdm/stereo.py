@@ -53,7 +53,8 @@ def mask_split(window: np.ndarray, stems: np.ndarray, rate: int, model_rate: int
     hop, win = n_fft // 4, torch.hann_window(n_fft)
 
     def stft(x):
-        x = torch.from_numpy(np.ascontiguousarray(x, np.float32))
+        x = np.ascontiguousarray(x, np.float32)
+        x = torch.from_numpy(x if x.flags.writeable else x.copy())  # Ray hands read-only arrays
         return torch.stft(x, n_fft, hop, window=win, center=True, return_complex=True)
 
     spec_x, spec_s = stft(window), stft(stems.reshape(-1, length))  # [C, F, N], [S(C), F, N]
