@@ -127,9 +127,11 @@ def test_bad_space_is_rejected(tmp_path):
 
 
 def test_ckpt_arguments():
-    assert parse_ckpt(["runs/a/model.ckpt"]) == "runs/a/model.ckpt"
-    assert parse_ckpt(["bass=s3://b/x.ckpt", "drums=d.ckpt"]) == {"bass": "s3://b/x.ckpt",
-                                                                  "drums": "d.ckpt"}
+    # local paths come back absolute (Tune trials run in their own working directories)
+    assert parse_ckpt(["runs/a/model.ckpt"]) == os.path.abspath("runs/a/model.ckpt")
+    assert parse_ckpt(["file:///x/m.ckpt"]) == "/x/m.ckpt"
+    assert parse_ckpt(["bass=s3://b/x.ckpt", "drums=d.ckpt"]) == {
+        "bass": "s3://b/x.ckpt", "drums": os.path.abspath("d.ckpt")}
     with pytest.raises(ValueError, match="STEM=URI"):
         parse_ckpt(["bass=a.ckpt", "b.ckpt"])
     with pytest.raises(ValueError, match="twice"):
