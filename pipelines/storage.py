@@ -32,7 +32,7 @@ def absolute(uri: str) -> str:
     uri = str(uri)
     if is_remote(uri):
         return uri
-    return os.path.abspath(uri[len("file://"):] if uri.startswith("file://") else uri)
+    return os.path.abspath(uri.removeprefix("file://"))
 
 
 def get_fs(uri: str):
@@ -47,9 +47,7 @@ def get_fs(uri: str):
         fs.retries = 1  # botocore retries (MSDM_S3_MAX_ATTEMPTS); s3fs's own 5 would multiply them
         fs.invalidate_cache()  # other processes write here: never trust a cached listing
         return fs, uri[len("s3://") :].rstrip("/")
-    if uri.startswith("file://"):
-        uri = uri[len("file://") :]
-    return fsspec.filesystem("file"), os.path.abspath(uri)
+    return fsspec.filesystem("file"), absolute(uri)
 
 
 def s3_timeouts() -> dict:
