@@ -93,7 +93,7 @@ def run_job(cmd: list[str], env: dict | None = None) -> tuple[float, dict, float
                 now += r
                 old = peaks.setdefault(pid, [0.0, 0.0, ""])
                 old[0], old[1] = max(old[0], r), max(old[1], p)
-                if old[2] in ("", "ray::IDLE") or not old[2].startswith("ray::"):
+                if old[2] == "ray::IDLE" or not old[2].startswith("ray::"):
                     old[2] = name(pid)  # a worker renames itself when it takes a task
             total[0] = max(total[0], now)
             stop.wait(0.05)

@@ -53,14 +53,19 @@ def to_mono(x: np.ndarray) -> np.ndarray:
     return x.mean(axis=0, dtype=np.float32) if x.shape[0] > 1 else x[0]
 
 
+def as_tensor(x: np.ndarray, dtype=None) -> torch.Tensor:
+    """A tensor of a NumPy array, sharing its memory where it can. Arrays from Ray's object
+    store are read-only: those are copied (torch would warn and share them anyway)."""
+    x = np.ascontiguousarray(x, dtype)
+    return torch.from_numpy(x if x.flags.writeable else x.copy())
+
+
 def resample(x, orig_sr: int, new_sr: int):
     """Band-limited sinc resampling (torchaudio, Kaiser window) along the last axis."""
     if orig_sr == new_sr:
         return x
     is_np = isinstance(x, np.ndarray)
-    if is_np:  # object-store arrays are read-only: copy those (torch warns on them)
-        x = np.ascontiguousarray(x) if x.flags.writeable else np.array(x)
-    t = torch.from_numpy(x) if is_np else x
+    t = as_tensor(x) if is_np else x
     rows = t.float().reshape(-1, t.shape[-1])
     # one row at a time: measured faster than one batched conv on CPU, and less peak memory
     kernel = _kernel(int(orig_sr), int(new_sr))

@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .audio import as_tensor
+
 CANCEL = 1e-3  # channels: stems that cancel to below this fraction of their sum follow the masks
 TOP_BAND = (0.7, 0.9)  # fractions of the model's Nyquist frequency that define its top band
 
@@ -53,9 +55,8 @@ def mask_split(window: np.ndarray, stems: np.ndarray, rate: int, model_rate: int
     hop, win = n_fft // 4, torch.hann_window(n_fft)
 
     def stft(x):
-        x = np.ascontiguousarray(x, np.float32)
-        x = torch.from_numpy(x if x.flags.writeable else x.copy())  # Ray hands read-only arrays
-        return torch.stft(x, n_fft, hop, window=win, center=True, return_complex=True)
+        return torch.stft(as_tensor(x, np.float32), n_fft, hop, window=win, center=True,
+                          return_complex=True)
 
     spec_x, spec_s = stft(window), stft(stems.reshape(-1, length))  # [C, F, N], [S(C), F, N]
     bins = spec_x.shape[1]
