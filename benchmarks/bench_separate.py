@@ -119,10 +119,16 @@ def main(argv=None):
     torch.manual_seed(0)
     save(work / "m.ckpt", cfg, build_denoiser(cfg))
     files = sorted((work / "in").glob("*.wav"))
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one model actor = one CPU
     (work / "plain").mkdir()
     plain_loop(work / "m.ckpt", files[:1], work / "plain", args.batch_size)  # warm-up
     plain = plain_loop(work / "m.ckpt", files, work / "plain", args.batch_size)
+    # the job's driver (reorder buffer, overlap-add, writers) runs as `python -m
+    # pipelines.separate` runs it, with torch's default threads; the model actor gets one CPU
+    # (Ray sets its OMP_NUM_THREADS=1). Until 2026-11-27 it inherited the 1 thread set above
+    # (same code, 2-core box: 0.78-0.80 with it, 0.83 in two runs without; runs vary by ~0.05).
+    torch.set_num_threads(threads)
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
@@ -140,7 +146,7 @@ def main(argv=None):
     ours = args.files * args.seconds / (time.perf_counter() - t0)
     ray.shutdown()
     print(f"\nconfig {args.config}, {args.files} files x {args.seconds:g} s, {args.steps} steps, "
-          f"batch {args.batch_size}, 1 model thread, stream budget "
+          f"batch {args.batch_size}, 1 model thread, driver threads {threads}, stream budget "
           f"{args.budget_mb or 'default'} MB, object store {args.object_store_mb or 'default'} MB")
     print("\n| path | audio s per wall s | ratio |\n|---|---|---|")
     print(f"| plain in-process loop | {plain:.2f} | 1.00 |")
