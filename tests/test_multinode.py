@@ -83,7 +83,11 @@ def two_nodes():
                        "--include-dashboard=false"], env)
         worker = None
         try:
-            _wait_for_port(port)  # the head's GCS
+            try:
+                _wait_for_port(port)  # the head's GCS
+            except OSError as e:
+                failures.append(f"head on port {port}: port closed after 60 s ({e})")
+                continue
             worker = _start([f"--address=127.0.0.1:{port}", "--num-cpus=2"], env)
             ok, seen = _ready(port, env, budget=120)
             if ok:
