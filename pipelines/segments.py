@@ -1,5 +1,6 @@
 """The Ray Data stages of `pipelines.separate`: decode + segment (CPU, in blocks), separate (model
-actors), split channels (CPU: soft masks at the output rate). Callable without Ray. Every stage
+actors), split channels (soft masks at the output rate: in the model actors by default, or CPU
+tasks of their own). Callable without Ray. Every stage
 holds a few segments at a time, so no process's memory depends on track length; one bad file or
 item becomes that item's error, never the job's."""
 
@@ -65,11 +66,15 @@ def _reason(name: str, e: Exception, seg: int = -1) -> str:
 class SeparateSegments:
     """Model stage (actor pool): separate a batch of segments from any tracks. If the batch
     fails (an out-of-memory error, a model error on one item), its items are retried one by
-    one and only the failing ones get an `error`."""
+    one and only the failing ones get an `error`. With `split` (split_segments' keyword
+    arguments) the actor also does the channel split, so its rows leave with the output-rate
+    stems."""
 
-    def __init__(self, ckpt, cfg: dict, num_gpus: float = 0, seed: int = 0):
+    def __init__(self, ckpt, cfg: dict, num_gpus: float = 0, seed: int = 0,
+                 split: dict | None = None):
         self.separator = Separator(ckpt, cfg, num_gpus, seed)
         self.peak_private = 0.0
+        self.split = split
 
     def __call__(self, batch: dict) -> dict:
         t0 = time.time()
@@ -95,7 +100,7 @@ class SeparateSegments:
                    model_s=np.full(n, (time.time() - t0) / max(n, 1)))
         self.peak_private = max(self.peak_private, private_mb())
         out["actor_private_mb"] = np.full(n, self.peak_private)
-        return out
+        return out if self.split is None else split_segments(out, **self.split)
 
 
     def _separate(self, rows, mixes, keys, stems) -> None:

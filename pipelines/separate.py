@@ -7,9 +7,9 @@
 
 --input is a folder (recursive), a glob, a .txt/.jsonl manifest or one file; any format soundfile
 decodes (MP3 where libsndfile does), any rate and channel count. Tracks are decoded in blocks and
-cut into segments; the model separates every channel (shared noise) on an actor pool; CPU tasks
-complete the stems over the full band at the output rate (soft masks above the model's band, see
-msdm/stereo.py); the driver cross-fades segments into OUTPUT/{track}/{stem}.{ext} as they
+cut into segments; the model separates every channel (shared noise) on an actor pool, and the
+same actors complete the stems over the full band at the output rate (soft masks above the
+model's band, see msdm/stereo.py; --split-tasks moves this to CPU tasks of its own); the driver cross-fades segments into OUTPUT/{track}/{stem}.{ext} as they
 arrive, plus OUTPUT/_manifest.jsonl (status ok / failed / skipped per input). One streaming
 pipeline; the models load once. A re-run skips finished tracks; files are written then renamed,
 so a partial output never appears. Bad files are reported, not fatal. Manifest rows are saved
@@ -84,7 +84,8 @@ def build_parser():
     p.add_argument("--wave-size", type=int, default=16,
                    help="finished tracks per manifest part (resume unit)")
     p.add_argument("--split-tasks", type=int, default=None,
-                   help="max concurrent channel-split tasks (default: Ray decides)")
+                   help="run the channel split as a CPU stage of its own with at most N "
+                        "concurrent tasks (default: inside the model actors)")
     add_init(p)
     return p
 
@@ -96,6 +97,8 @@ def _options(args):
     if args.sample_rate != "original" and not (args.sample_rate.isdigit()
                                                and int(args.sample_rate) > 0):
         sys.exit("--sample-rate must be 'original' or a positive integer rate in Hz")
+    if args.split_tasks is not None and args.split_tasks < 1:
+        sys.exit("--split-tasks must be >= 1 (leave it out to split in the model actors)")
     try:
         check_template(args.filename)
     except ValueError as e:
@@ -178,7 +181,7 @@ def _budget(args, cfg) -> int:
 
 
 def _run(ray, args, ckpt, cfg, subtype, names, todo):
-    """One streaming pipeline over every track: decode -> model actors -> channel split; the
+    """One streaming pipeline over every track: decode -> model actors (+ channel split); the
     driver assembles and writes. Yields manifest rows as tracks finish."""
     ctx = ray.data.DataContext.get_current()
     opts = ctx.execution_options
@@ -201,8 +204,7 @@ def _stream(ray, args, ckpt, cfg, subtype, names, todo, ctx):
     # Ray Data lets queued blocks take a share of the whole object store (30 % of RAM by
     # default): a long track filled it, and every process that maps the store grew by the pages
     # it touched (largest process 1.2 GB at 4 min, 2.6 GB at 32 min, benchmarks/bench_memory.py).
-    # The budget costs throughput: it backpressures the model actor's outputs (bench_separate:
-    # 0.86 of the in-process loop, 0.98 without it).
+    # The budget costs throughput where a stage waits on another's share (see the split below).
     ctx.execution_options.resource_limits = ray.data.ExecutionResources.for_limits(
         object_store_memory=_budget(args, cfg))
     # Ray Data caps any limit at half the cluster's store by default: the budget is what it uses
@@ -213,15 +215,20 @@ def _stream(ray, args, ckpt, cfg, subtype, names, todo, ctx):
         "sample_rate": cfg.data.sample_rate, "segment": cfg.data.chunk_samples,
         "margin": cfg.separation.margin, "overlap": cfg.separation.overlap,
         "out_rate": args.sample_rate, "channels": args.channels, "method": args.stereo})
+    # The channel split runs in the model actors by default. As a stage of its own, its blocks
+    # (output-rate stems, the largest of the job) took a share of the budget and the model
+    # actor waited on it: bench_separate 0.83 of the in-process loop, ~1.0 in the actor (#14).
+    split = {"power": args.mask_power, "method": args.stereo}
+    staged = args.split_tasks is not None
     ds = ds.map_batches(
         SeparateSegments, batch_size=args.batch_size, batch_format="numpy",
         fn_constructor_kwargs={"ckpt": ckpt, "cfg": cfg.to_dict(),
-                               "num_gpus": args.gpus_per_actor, "seed": args.seed},
+                               "num_gpus": args.gpus_per_actor, "seed": args.seed,
+                               "split": None if staged else split},
         compute=ray.data.ActorPoolStrategy(size=args.actors), num_gpus=args.gpus_per_actor)
-    split = {} if args.split_tasks is None else {
-        "compute": ray.data.TaskPoolStrategy(size=args.split_tasks)}
-    ds = ds.map_batches(split_segments, batch_size=2, batch_format="numpy",
-                        fn_kwargs={"power": args.mask_power, "method": args.stereo}, **split)
+    if staged:
+        ds = ds.map_batches(split_segments, batch_size=2, batch_format="numpy", fn_kwargs=split,
+                            compute=ray.data.TaskPoolStrategy(size=args.split_tasks))
     assembler = Assembler(cfg, args.output, args.filename, args.format, subtype, str(ckpt),
                           names)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

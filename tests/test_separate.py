@@ -47,12 +47,13 @@ def _inputs(folder, n=2):
     return folder
 
 
-def _run_stages(item, cfg, ckpt, out, names=STEMS, **decode):
-    """The job's stages in-process: decode -> model -> channel split -> assembly."""
+def _run_stages(item, cfg, ckpt, out, names=STEMS, fused=False, **decode):
+    """The job's stages in-process: decode -> model -> channel split -> assembly (the split a
+    stage of its own, or inside the model stage as the job runs it by default)."""
     rows = list(decode_segments(item, cfg.data.sample_rate, cfg.data.chunk_samples,
                                 cfg.separation.margin, cfg.separation.overlap, **decode))
     assert len(rows) == rows[0]["num_segments"] > 1 and not rows[0]["error"]
-    model = SeparateSegments(str(ckpt), cfg.to_dict())
+    model = SeparateSegments(str(ckpt), cfg.to_dict(), split={} if fused else None)
     asm = Assembler(cfg, str(out), "{track}/{stem}.{ext}", "wav", "FLOAT", "g", list(names))
     done = []
     for i in range(len(rows) - 2, -3, -3):  # batches of 3, last segments first: any order works
@@ -60,7 +61,7 @@ def _run_stages(item, cfg, ckpt, out, names=STEMS, **decode):
         batch = {k: np.array([r[k] for r in part]) for k in part[0] if k != "window"}
         batch["window"] = np.stack([r["window"] for r in part])
         batch["key"] = batch["key"].astype(object)
-        split = split_segments(model(batch))
+        split = model(batch) if fused else split_segments(model(batch))
         for j in range(len(part)):
             row = asm.add({k: v[j] for k, v in split.items()})
             done += [row] if row else []
@@ -99,6 +100,9 @@ def test_stages_give_stereo_full_band_stems_without_ray(tmp_path, tiny_unet_ckpt
     n_fft = 2048
     for y, _ in stems.values():  # silent 1-2 s in the right channel, away from its edges
         assert np.abs(y[1, 44100 + n_fft : 2 * 44100 - n_fft]).max() == 0
+    fused = _run_stages(item, cfg, tiny_unet_ckpt, tmp_path / "fused", fused=True)
+    for s in STEMS:  # the split inside the model stage (the job's default) writes the same
+        assert np.array_equal(read_audio(fused["outputs"][s])[0], stems[s][0])
     item = {"input": str(tmp_path / "d.wav"), "key": "d", "track": "d", "parent": "x"}
     row = _run_stages(item, cfg, tiny_unet_ckpt, tmp_path / "out")
     for s in STEMS:
@@ -163,7 +167,7 @@ def test_model_rate_output_sums_exactly(ray_local, tmp_path, tiny_unet_ckpt):
     sf.write(src / "s.flac", _song(2.0, sr=48000), 48000, subtype="PCM_24")
     res = separate.main(["--ckpt", str(tiny_unet_ckpt), "--input", str(src / "*.flac"), "--output",
                          str(tmp_path / "o"), "--sample-rate", "22050", "--stems",
-                         "bass,drums,guitar,piano"])
+                         "bass,drums,guitar,piano", "--split-tasks", "1"])  # split: own stage
     row = res["manifest"][str(src / "s.flac")]
     assert read_audio(row["outputs"]["bass"])[1] == 22050 and len(row["outputs"]) == 4
     # exact sum at the model rate (float stems: an untrained model's stems can pass full scale,
@@ -375,6 +379,8 @@ def test_config_errors_come_before_any_work(tmp_path, tiny_unet_ckpt):
             separate.main(base + extra)
     with pytest.raises(SystemExit, match="leaves the output folder"):
         separate.main(base + ["--filename", "../../{stem}.{ext}"])
+    with pytest.raises(SystemExit, match="--split-tasks must be >= 1"):
+        separate.main(base + ["--split-tasks", "0"])
     assert not (tmp_path / "o").exists()
 
 
