@@ -9,8 +9,9 @@
 decodes (MP3 where libsndfile does), any rate and channel count. Tracks are decoded in blocks and
 cut into segments; the model separates every channel (shared noise) on an actor pool, and the
 same actors complete the stems over the full band at the output rate (soft masks above the
-model's band, see msdm/stereo.py; --split-tasks moves this to CPU tasks of its own); the driver cross-fades segments into OUTPUT/{track}/{stem}.{ext} as they
-arrive, plus OUTPUT/_manifest.jsonl (status ok / failed / skipped per input). One streaming
+model's band, see msdm/stereo.py; --split-tasks moves this to CPU tasks of its own); the
+driver cross-fades segments into OUTPUT/{track}/{stem}.{ext} as they arrive, plus
+OUTPUT/_manifest.jsonl (status ok / failed / skipped per input). One streaming
 pipeline; the models load once. A re-run skips finished tracks; files are written then renamed,
 so a partial output never appears. Bad files are reported, not fatal. Manifest rows are saved
 every --wave-size finished tracks.
