@@ -298,8 +298,8 @@ def _write_long(path, seconds, sr=44100):
 @pytest.mark.slow
 def test_memory_of_every_process_is_flat_in_track_length(ray_local, tmp_path, tiny_unet_ckpt):
     """#14: peak RSS of the largest process of the job (driver, decoders, model actor with the
-    channel split) grows <= 25 % from a 15-second to a 120-second stereo 44.1 kHz file (8x, as from 4
-    to 32 minutes; benchmarks/bench_memory.py measures those lengths)."""
+    channel split) grows <= 25 % from a 15-second to a 120-second stereo 44.1 kHz file (8x, as
+    from 4 to 32 minutes; benchmarks/bench_memory.py measures those lengths)."""
     src = tmp_path / "in"
     src.mkdir()
     for name, seconds in (("warm", 10), ("short", 15), ("long", 120)):
