@@ -98,9 +98,11 @@ class SeparateSegments:
         out = {k: v for k, v in batch.items() if k not in ("mixture", "error")}
         out.update(stems=_column(stems), error=np.array(errors, dtype=object),
                    model_s=np.full(n, (time.time() - t0) / max(n, 1)))
-        self.peak_private = max(self.peak_private, private_mb())
+        if self.split is not None:
+            out = split_segments(out, **self.split)
+        self.peak_private = max(self.peak_private, private_mb())  # the split's memory included
         out["actor_private_mb"] = np.full(n, self.peak_private)
-        return out if self.split is None else split_segments(out, **self.split)
+        return out
 
 
     def _separate(self, rows, mixes, keys, stems) -> None:
@@ -125,7 +127,8 @@ class SeparateSegments:
 
 
 def split_segments(batch: dict, power: float = 1.0, method: str = "transfer") -> dict:
-    """CPU stage: model-rate stems [S, segment] -> output-rate stems [S, C, seg_out] of each
+    """Channel split (in the model actor, or a CPU stage of its own): model-rate stems
+    [S, segment] -> output-rate stems [S, C, seg_out] of each
     segment: upsampled (mono), or soft masks from them applied to every channel of `window`."""
     n = len(batch["key"])
     stems, errors = [], [str(e) for e in batch["error"]]
