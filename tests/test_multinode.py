@@ -25,7 +25,11 @@ def _start(args, env):
 
 
 def _stop(proc):
-    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:  # it exited, and its group with it (a head that failed to start)
+        proc.wait(timeout=10)
+        return
     try:
         proc.wait(timeout=5)  # `ray start --block` rarely exits on SIGTERM alone
     except subprocess.TimeoutExpired:
