@@ -110,6 +110,47 @@ def run_job(cmd: list[str], env: dict | None = None) -> tuple[float, dict, float
     return time.time() - t0, peaks, total[0]
 
 
+def _measure(args, work: Path):
+    """One separate job per track length, files in `work`; prints the table."""
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(args.config)
+    ckpt = work / "model.ckpt"
+    save(ckpt, cfg, build_denoiser(cfg))
+    rows = []
+    for minutes in [float(m) for m in args.minutes.split(",")]:
+        path = work / "in" / f"{minutes:g}min.wav"
+        path.parent.mkdir(exist_ok=True)
+        write_song(path, 60 * minutes)
+        cmd = [sys.executable, "-m", "pipelines.separate", "--ckpt", str(ckpt), "--input",
+               str(path), "--output", str(work / "out" / f"{minutes:g}"), "--num-cpus", "2",
+               "--set", f"sampler.num_steps={args.steps}", "--budget-mb", str(args.budget_mb),
+               "--object-store-mb", str(args.object_store_mb)]
+        print(f"{minutes:g} min: {' '.join(cmd[1:])}", flush=True)
+        secs, peaks, total = run_job(cmd)
+        top = max(peaks.values(), key=lambda v: v[0])
+        top_private = max(peaks.values(), key=lambda v: v[1])
+        rows.append({"minutes": minutes, "seconds": secs, "largest_rss_mb": top[0],
+                     "largest_rss_name": top[2], "largest_private_mb": top_private[1],
+                     "largest_private_name": top_private[2], "tree_rss_mb": total,
+                     "processes": len(peaks)})
+        print(f"  {secs:.0f} s, {len(peaks)} processes; largest RSS {top[0]:.0f} MB "
+              f"({top[2]}); largest RSS - shared {top_private[1]:.0f} MB ({top_private[2]}); "
+              f"tree {total:.0f} MB", flush=True)
+    base = rows[0]
+    print(f"\n`{args.config}` model, {args.steps} sampler step(s), stereo 44.1 kHz input, "
+          f"stream budget {args.budget_mb or 'default'} MB, object store "
+          f"{args.object_store_mb or 'default'} MB\n")
+    print("| track | wall s | largest process RSS MB | growth | largest RSS - shared MB | "
+          "growth | process tree RSS MB | growth |\n|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        g = [r[k] / base[k] - 1
+             for k in ("largest_rss_mb", "largest_private_mb", "tree_rss_mb")]
+        print(f"| {r['minutes']:g} min | {r['seconds']:.0f} | {r['largest_rss_mb']:.0f} | "
+              f"{100 * g[0]:+.0f} % | {r['largest_private_mb']:.0f} | {100 * g[1]:+.0f} % | "
+              f"{r['tree_rss_mb']:.0f} | {100 * g[2]:+.0f} % |")
+    return {"rows": rows}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--minutes", default="4,32", help="comma-separated track lengths")
@@ -123,43 +164,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     work = Path(args.out or tempfile.mkdtemp(prefix="bench-memory-"))
     try:
-        work.mkdir(parents=True, exist_ok=True)
-        cfg = load_config(args.config)
-        ckpt = work / "model.ckpt"
-        save(ckpt, cfg, build_denoiser(cfg))
-        rows = []
-        for minutes in [float(m) for m in args.minutes.split(",")]:
-            path = work / "in" / f"{minutes:g}min.wav"
-            path.parent.mkdir(exist_ok=True)
-            write_song(path, 60 * minutes)
-            cmd = [sys.executable, "-m", "pipelines.separate", "--ckpt", str(ckpt), "--input",
-                   str(path), "--output", str(work / "out" / f"{minutes:g}"), "--num-cpus", "2",
-                   "--set", f"sampler.num_steps={args.steps}", "--budget-mb", str(args.budget_mb),
-                   "--object-store-mb", str(args.object_store_mb)]
-            print(f"{minutes:g} min: {' '.join(cmd[1:])}", flush=True)
-            secs, peaks, total = run_job(cmd)
-            top = max(peaks.values(), key=lambda v: v[0])
-            top_private = max(peaks.values(), key=lambda v: v[1])
-            rows.append({"minutes": minutes, "seconds": secs, "largest_rss_mb": top[0],
-                         "largest_rss_name": top[2], "largest_private_mb": top_private[1],
-                         "largest_private_name": top_private[2], "tree_rss_mb": total,
-                         "processes": len(peaks)})
-            print(f"  {secs:.0f} s, {len(peaks)} processes; largest RSS {top[0]:.0f} MB "
-                  f"({top[2]}); largest RSS - shared {top_private[1]:.0f} MB ({top_private[2]}); "
-                  f"tree {total:.0f} MB", flush=True)
-        base = rows[0]
-        print(f"\n`{args.config}` model, {args.steps} sampler step(s), stereo 44.1 kHz input, "
-              f"stream budget {args.budget_mb or 'default'} MB, object store "
-              f"{args.object_store_mb or 'default'} MB\n")
-        print("| track | wall s | largest process RSS MB | growth | largest RSS - shared MB | "
-              "growth | process tree RSS MB | growth |\n|---|---|---|---|---|---|---|---|")
-        for r in rows:
-            g = [r[k] / base[k] - 1
-                 for k in ("largest_rss_mb", "largest_private_mb", "tree_rss_mb")]
-            print(f"| {r['minutes']:g} min | {r['seconds']:.0f} | {r['largest_rss_mb']:.0f} | "
-                  f"{100 * g[0]:+.0f} % | {r['largest_private_mb']:.0f} | {100 * g[1]:+.0f} % | "
-                  f"{r['tree_rss_mb']:.0f} | {100 * g[2]:+.0f} % |")
-        return {"rows": rows}
+        return _measure(args, work)
     finally:
         if not args.out:  # 3 GB of audio and stems per run
             shutil.rmtree(work, ignore_errors=True)

@@ -93,6 +93,56 @@ def gpu_paper() -> None:
           f"RTF {dt / audio:.2f} | {torch.cuda.get_device_name()} |")
 
 
+def _compare(args, work: Path):
+    """The plain loop and the Ray Data job on the same generated files in `work`."""
+    (work / "in").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(args.files):
+        t = np.arange(int(args.seconds * 44100)) / 44100
+        x = 0.2 * np.sin(2 * np.pi * (100 + 20 * i) * t) + 0.05 * rng.standard_normal(len(t))
+        sf.write(work / "in" / f"s{i}.wav", np.stack([x, 0.7 * x]).T.astype(np.float32), 44100)
+    cfg = load_config(args.config, [f"sampler.num_steps={args.steps}", "sampler.resamples=1"])
+    torch.manual_seed(0)
+    save(work / "m.ckpt", cfg, build_denoiser(cfg))
+    files = sorted((work / "in").glob("*.wav"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one model actor = one CPU
+    (work / "plain").mkdir()
+    plain_loop(work / "m.ckpt", files[:1], work / "plain", args.batch_size)  # warm-up
+    plain = plain_loop(work / "m.ckpt", files, work / "plain", args.batch_size)
+    # the job's driver (reorder buffer, overlap-add, writers) runs as `python -m
+    # pipelines.separate` runs it, with torch's default threads; the model actor gets one CPU
+    # (Ray sets its OMP_NUM_THREADS=1). Until 2026-11-27 it inherited the 1 thread set above
+    # (same code, 2-core box: 0.78-0.80 with it, 0.83 in two runs without; runs vary by ~0.05).
+    torch.set_num_threads(threads)
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    store = {"object_store_memory": int(args.object_store_mb * (1 << 20))} \
+        if args.object_store_mb else {}
+    ray.init(address="local", num_cpus=2, **store)
+    from pipelines import separate
+
+    common = ["--ckpt", str(work / "m.ckpt"), "--actors", "1", "--batch-size",
+              str(args.batch_size), "--budget-mb", str(args.budget_mb)]
+    separate.main(common + ["--input", str(files[0]), "--output", str(work / "warm")])
+    t0 = time.perf_counter()
+    separate.main(common + ["--input", str(work / "in"), "--output", str(work / "ray")])
+    ours = args.files * args.seconds / (time.perf_counter() - t0)
+    ray.shutdown()
+    print(f"\nconfig {args.config}, {args.files} files x {args.seconds:g} s, "
+          f"{args.steps} steps, batch {args.batch_size}, 1 model thread, driver threads "
+          f"{threads}, stream budget {args.budget_mb or 'default'} MB, object store "
+          f"{args.object_store_mb or 'default'} MB")
+    print("\n| path | audio s per wall s | ratio |\n|---|---|---|")
+    print(f"| plain in-process loop | {plain:.2f} | 1.00 |")
+    print(f"| Ray Data job, 1 model actor (+ CPU stages) | {ours:.2f} | {ours / plain:.2f} |")
+    print(f"\ntarget >= 0.9 per actor -> {'PASS' if ours / plain >= 0.9 else 'MISS'}")
+    if not torch.cuda.is_available():
+        print("no GPU here: run with --gpu-paper on a GPU machine for the paper preset RTF")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--config", default="small")
@@ -111,52 +161,7 @@ def main(argv=None):
         return
     work = Path(tempfile.mkdtemp(prefix="bench-sep-"))
     try:
-        (work / "in").mkdir()
-        rng = np.random.default_rng(0)
-        for i in range(args.files):
-            t = np.arange(int(args.seconds * 44100)) / 44100
-            x = 0.2 * np.sin(2 * np.pi * (100 + 20 * i) * t) + 0.05 * rng.standard_normal(len(t))
-            sf.write(work / "in" / f"s{i}.wav", np.stack([x, 0.7 * x]).T.astype(np.float32), 44100)
-        cfg = load_config(args.config, [f"sampler.num_steps={args.steps}", "sampler.resamples=1"])
-        torch.manual_seed(0)
-        save(work / "m.ckpt", cfg, build_denoiser(cfg))
-        files = sorted((work / "in").glob("*.wav"))
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # one model actor = one CPU
-        (work / "plain").mkdir()
-        plain_loop(work / "m.ckpt", files[:1], work / "plain", args.batch_size)  # warm-up
-        plain = plain_loop(work / "m.ckpt", files, work / "plain", args.batch_size)
-        # the job's driver (reorder buffer, overlap-add, writers) runs as `python -m
-        # pipelines.separate` runs it, with torch's default threads; the model actor gets one CPU
-        # (Ray sets its OMP_NUM_THREADS=1). Until 2026-11-27 it inherited the 1 thread set above
-        # (same code, 2-core box: 0.78-0.80 with it, 0.83 in two runs without; runs vary by ~0.05).
-        torch.set_num_threads(threads)
-
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        import ray
-
-        store = {"object_store_memory": int(args.object_store_mb * (1 << 20))} \
-            if args.object_store_mb else {}
-        ray.init(address="local", num_cpus=2, **store)
-        from pipelines import separate
-
-        common = ["--ckpt", str(work / "m.ckpt"), "--actors", "1", "--batch-size",
-                  str(args.batch_size), "--budget-mb", str(args.budget_mb)]
-        separate.main(common + ["--input", str(files[0]), "--output", str(work / "warm")])
-        t0 = time.perf_counter()
-        separate.main(common + ["--input", str(work / "in"), "--output", str(work / "ray")])
-        ours = args.files * args.seconds / (time.perf_counter() - t0)
-        ray.shutdown()
-        print(f"\nconfig {args.config}, {args.files} files x {args.seconds:g} s, "
-              f"{args.steps} steps, batch {args.batch_size}, 1 model thread, driver threads "
-              f"{threads}, stream budget {args.budget_mb or 'default'} MB, object store "
-              f"{args.object_store_mb or 'default'} MB")
-        print("\n| path | audio s per wall s | ratio |\n|---|---|---|")
-        print(f"| plain in-process loop | {plain:.2f} | 1.00 |")
-        print(f"| Ray Data job, 1 model actor (+ CPU stages) | {ours:.2f} | {ours / plain:.2f} |")
-        print(f"\ntarget >= 0.9 per actor -> {'PASS' if ours / plain >= 0.9 else 'MISS'}")
-        if not torch.cuda.is_available():
-            print("no GPU here: run with --gpu-paper on a GPU machine for the paper preset RTF")
+        return _compare(args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)  # ~2 GB of audio and stems per run
 

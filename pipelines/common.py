@@ -11,6 +11,7 @@ import re
 import resource
 import tempfile
 import time
+from contextlib import contextmanager
 
 from msdm.config import (
     PRESETS,
@@ -201,6 +202,24 @@ def _start_ray(ray, args, runtime_env):
     if not getattr(args, "verbose", False):  # the jobs print their own progress lines
         ctx.print_on_execution_start = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+@contextmanager
+def data_context(ray, settings: dict):
+    """Ray Data settings for one job ("execution_options.X" for its execution options), put
+    back afterwards: the DataContext is the process's, and later jobs in it (tests, notebooks)
+    must not inherit them."""
+    ctx = ray.data.DataContext.get_current()
+    targets = [(ctx.execution_options, k.split(".", 1)[1]) if k.startswith("execution_options.")
+               else (ctx, k) for k in settings]
+    saved = [getattr(obj, name) for obj, name in targets]
+    try:
+        for (obj, name), value in zip(targets, settings.values()):
+            setattr(obj, name, value)
+        yield ctx
+    finally:
+        for (obj, name), value in zip(targets, saved):
+            setattr(obj, name, value)
 
 
 def autoscaling() -> bool:

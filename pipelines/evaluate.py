@@ -28,6 +28,7 @@ from .common import (
     add_init,
     check_actor_cpus,
     ckpt_uris,
+    data_context,
     dry_run,
     init_ray,
     log,
@@ -81,13 +82,9 @@ def evaluate_one(ray, args, ckpt, cfg, name: str) -> dict:
         score_track, batch_format="numpy", fn_kwargs={"sample_rate": cfg.data.sample_rate})
     # Ray Data's default hash shuffle starts aggregator actors for every evaluation (~2.5 s per
     # call on 2 CPUs for a few tracks); the sort-based shuffle runs as plain tasks
-    ctx = ray.data.DataContext.get_current()
-    saved, ctx.shuffle_strategy = ctx.shuffle_strategy, \
-        ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    try:
+    sort = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    with data_context(ray, {"shuffle_strategy": sort}):
         rows = ds.take_all()
-    finally:  # the context is the process's (tests, notebooks)
-        ctx.shuffle_strategy = saved
     windows = torch.tensor(np.array([r["si_sdri"] for r in rows])).reshape(-1, len(cfg.data.stems))
     return {"name": name, "si_sdri": summarize(windows, cfg.data.stems),
             "windows": int(windows.shape[0]), "tracks": len({r[COL_TRACK] for r in rows}),

@@ -36,6 +36,7 @@ from .common import (
     add_init,
     check_actor_cpus,
     ckpt_uris,
+    data_context,
     dry_run,
     init_ray,
     log,
@@ -184,33 +185,29 @@ def _budget(args, cfg) -> int:
 def _run(ray, args, ckpt, cfg, subtype, names, todo):
     """One streaming pipeline over every track: decode -> model actors (+ channel split); the
     driver assembles and writes. Yields manifest rows as tracks finish."""
-    ctx = ray.data.DataContext.get_current()
-    opts = ctx.execution_options
-    saved = (ctx.target_max_block_size, opts.preserve_order, opts.resource_limits,
-             ctx.override_object_store_memory_limit_fraction)
-    try:  # the context is the process's: later jobs in it (tests, notebooks) get theirs back
-        yield from _stream(ray, args, ckpt, cfg, subtype, names, todo, ctx)
-    finally:
-        (ctx.target_max_block_size, opts.preserve_order, opts.resource_limits,
-         ctx.override_object_store_memory_limit_fraction) = saved
+    settings = {
+        # Small blocks: a long track becomes many blocks of segments, so every stage only ever
+        # holds a few segments (flat memory); the reorder buffer per track stays small.
+        "target_max_block_size": _block_bytes(args, cfg),
+        # in order: the driver's reorder buffer then holds ~one block per track (measured: 100
+        # segments of a 5-minute track waited there without it)
+        "execution_options.preserve_order": True,
+        # Ray Data lets queued blocks take a share of the whole object store (30 % of RAM by
+        # default): a long track filled it, and every process that maps the store grew by the
+        # pages it touched (largest process 1.2 GB at 4 min, 2.6 GB at 32 min,
+        # benchmarks/bench_memory.py). The budget costs throughput where a stage waits on
+        # another's share (see the split in _stream).
+        "execution_options.resource_limits": ray.data.ExecutionResources.for_limits(
+            object_store_memory=_budget(args, cfg)),
+        # Ray Data caps any limit at half the cluster's store by default: the budget is what it
+        # uses (the store is sized STORE_PER_BUDGET x the budget for a local cluster)
+        "override_object_store_memory_limit_fraction": 1.0,
+    }
+    with data_context(ray, settings):
+        yield from _stream(ray, args, ckpt, cfg, subtype, names, todo)
 
 
-def _stream(ray, args, ckpt, cfg, subtype, names, todo, ctx):
-    # Small blocks: a long track becomes many blocks of segments, so every stage only ever
-    # holds a few segments (flat memory); the reorder buffer per track stays small.
-    ctx.target_max_block_size = _block_bytes(args, cfg)
-    # in order: the driver's reorder buffer then holds ~one block per track (measured: 100
-    # segments of a 5-minute track waited there without it)
-    ctx.execution_options.preserve_order = True
-    # Ray Data lets queued blocks take a share of the whole object store (30 % of RAM by
-    # default): a long track filled it, and every process that maps the store grew by the pages
-    # it touched (largest process 1.2 GB at 4 min, 2.6 GB at 32 min, benchmarks/bench_memory.py).
-    # The budget costs throughput where a stage waits on another's share (see the split below).
-    ctx.execution_options.resource_limits = ray.data.ExecutionResources.for_limits(
-        object_store_memory=_budget(args, cfg))
-    # Ray Data caps any limit at half the cluster's store by default: the budget is what it uses
-    # (the store is sized STORE_PER_BUDGET x the budget for a local cluster)
-    ctx.override_object_store_memory_limit_fraction = 1.0
+def _stream(ray, args, ckpt, cfg, subtype, names, todo):
     ds = ray.data.from_items(todo, override_num_blocks=len(todo))
     ds = ds.flat_map(decode_segments, fn_kwargs={
         "sample_rate": cfg.data.sample_rate, "segment": cfg.data.chunk_samples,
