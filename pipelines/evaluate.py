@@ -65,25 +65,26 @@ def evaluate_one(ray, args, ckpt, cfg, name: str) -> dict:
     """Separate and score the split with one resolved configuration."""
     t0 = time.time()
     split = storage.join(args.data, args.split)
-    if args.max_chunks:  # a fixed subset, read without a global sort
-        chunks = read_chunks(split, cfg.data.stems, args.max_chunks)
-        rows = [{COL_TRACK: t, "chunk_index": int(c), **{s: x[i] for i, s in
-                 enumerate(cfg.data.stems)}} for t, c, x in
-                zip(chunks[COL_TRACK], chunks["chunk_index"], chunks["x"])]
-        ds, fmt = ray.data.from_items(rows), "numpy"
-    else:
-        ds, fmt = ray.data.read_parquet(split), "pyarrow"
-    ds = ds.map_batches(
-        SeparateChunks, batch_size=args.batch_size, batch_format=fmt,
-        fn_constructor_kwargs={"ckpt": ckpt, "cfg": cfg.to_dict(),
-                               "num_gpus": args.gpus_per_actor, "seed": args.seed},
-        compute=ray.data.ActorPoolStrategy(size=args.actors), num_gpus=args.gpus_per_actor)
-    ds = ds.groupby(COL_TRACK, num_partitions=8).map_groups(
-        score_track, batch_format="numpy", fn_kwargs={"sample_rate": cfg.data.sample_rate})
     # Ray Data's default hash shuffle starts aggregator actors for every evaluation (~2.5 s per
-    # call on 2 CPUs for a few tracks); the sort-based shuffle runs as plain tasks
+    # call on 2 CPUs for a few tracks); the sort-based shuffle runs as plain tasks. A Dataset
+    # keeps a copy of the DataContext it was created under, so the pipeline is built inside.
     sort = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     with data_context(ray, {"shuffle_strategy": sort}):
+        if args.max_chunks:  # a fixed subset, read without a global sort
+            chunks = read_chunks(split, cfg.data.stems, args.max_chunks)
+            rows = [{COL_TRACK: t, "chunk_index": int(c), **{s: x[i] for i, s in
+                     enumerate(cfg.data.stems)}} for t, c, x in
+                    zip(chunks[COL_TRACK], chunks["chunk_index"], chunks["x"])]
+            ds, fmt = ray.data.from_items(rows), "numpy"
+        else:
+            ds, fmt = ray.data.read_parquet(split), "pyarrow"
+        ds = ds.map_batches(
+            SeparateChunks, batch_size=args.batch_size, batch_format=fmt,
+            fn_constructor_kwargs={"ckpt": ckpt, "cfg": cfg.to_dict(),
+                                   "num_gpus": args.gpus_per_actor, "seed": args.seed},
+            compute=ray.data.ActorPoolStrategy(size=args.actors), num_gpus=args.gpus_per_actor)
+        ds = ds.groupby(COL_TRACK, num_partitions=8).map_groups(
+            score_track, batch_format="numpy", fn_kwargs={"sample_rate": cfg.data.sample_rate})
         rows = ds.take_all()
     windows = torch.tensor(np.array([r["si_sdri"] for r in rows])).reshape(-1, len(cfg.data.stems))
     return {"name": name, "si_sdri": summarize(windows, cfg.data.stems),
