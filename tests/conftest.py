@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import shutil
 import signal
 import socket
@@ -88,9 +89,21 @@ def ancestors(pid: int) -> list[int]:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port outside the kernel's ephemeral range (32768-60999 here) and Ray's worker
+    ports (10002-19999). A port the kernel handed out for port 0 and we released can be handed
+    out again before our server binds it; a gRPC server (Ray's GCS) then binds it too, with
+    SO_REUSEPORT, and clients reach the wrong process: the "head that never serves" seen in
+    make test runs. Below 32768 nothing is handed out behind our back."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        try:
+            with socket.socket() as s:
+                s.bind(("0.0.0.0", port))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port in 20000-32000")
 
 
 @pytest.fixture(scope="session")
@@ -193,7 +206,27 @@ def tiny_unet_ckpt(tmp_path_factory):
     return path
 
 
+def _seconds(item) -> float:
+    marker = item.get_closest_marker("slow")
+    return 1.0 if marker is None else float(marker.kwargs.get("seconds", 20))
+
+
 def pytest_collection_modifyitems(config, items):
-    """Slow end-to-end tests first: under `pytest -n 2` (make test) the two workers start on
-    the long Ray jobs and fill the tail with the quick unit tests."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """Longest tests first, spread evenly over the xdist workers. `--dist worksteal` (make test)
+    gives each worker one contiguous block of the collection (n // k items to the first, ...)
+    and later moves tests from the tail of a busy worker's block to an idle one. So the
+    collection is built as those blocks: each test in turn, longest first (`slow(seconds=N)`,
+    its wall time in make test), goes to the block with the least expected time that still has
+    room; in each block its long tests come first and its quick ones form the tail."""
+    k = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    sizes, left = [], len(items)
+    for i in range(k):  # xdist's own split: len(pending) // nodes_remaining, in turn
+        sizes.append(left // (k - i))
+        left -= sizes[-1]
+    blocks = [[] for _ in range(k)]
+    load = [0.0] * k
+    for item in sorted(items, key=_seconds, reverse=True):  # stable: ties keep file order
+        b = min((i for i in range(k) if len(blocks[i]) < sizes[i]), key=lambda i: load[i])
+        blocks[b].append(item)
+        load[b] += _seconds(item)
+    items[:] = [item for block in blocks for item in block]

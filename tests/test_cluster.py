@@ -1,5 +1,7 @@
 """cluster.yaml against Ray's launcher schema and EC2's RunInstances shape (offline), its security
-settings, and `ray job submit` to a real head started by cluster.yaml's own head command."""
+settings, and a real two-node cluster started by cluster.yaml's own head and worker commands:
+token auth on `ray job submit`, and local paths refused on a cluster whose nodes do not share a
+disk unless --shared-fs (#17)."""
 
 import copy
 import os
@@ -179,16 +181,132 @@ def _lan_ip():
     return None if ip.startswith("127.") else ip
 
 
-def _head_command(cfg, port, dash, temp):
-    """cluster.yaml's head start command, run as written except for node-local ports and paths."""
-    cmd = _start_command(cfg, "head_start_ray_commands")
-    for old, new in [("--port=6379", f"--port={port}"),
-                     ("--object-manager-port=8076", f"--object-manager-port={free_port()}"),
+def _node_ports() -> str:
+    """Every port a node opens, chosen outside the kernel's ephemeral range (conftest.free_port):
+    two nodes share this machine, next to the test run's own Ray clusters."""
+    return " ".join(f"--{name}={free_port()}" for name in (
+        "object-manager-port", "node-manager-port", "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port"))
+
+
+def _node_commands(cfg, port, dash, temp):
+    """cluster.yaml's head and worker start commands, run as written except for node-local ports
+    and paths, the CPU counts (a CPU-less head, as in cluster.yaml, and a 2-CPU worker) and the
+    head's address, which the launcher fills in. Each node gets its own temporary folder, as on
+    two machines: sharing one, the worker node's runtime-env agent deletes the job's working
+    directory (the head's copy too) when its own tasks no longer need it."""
+    head = _start_command(cfg, "head_start_ray_commands")
+    worker = _start_command(cfg, "worker_start_ray_commands")
+    for old, new in [("--port=6379", f"--port={port}"), ("--object-manager-port=8076", ""),
                      ("--autoscaling-config=~/ray_bootstrap_config.yaml", "")]:
-        assert cmd.count(old) == 1, old
-        cmd = cmd.replace(old, new)
-    return (f"{cmd} --block --num-cpus 2 --dashboard-port {dash} --temp-dir {temp} "
-            "--disable-usage-stats")
+        assert head.count(old) == 1, old
+        head = head.replace(old, new)
+    for old, new in [("$RAY_HEAD_IP:6379", f"127.0.0.1:{port}"),
+                     ("--object-manager-port=8076", "")]:
+        assert worker.count(old) == 1, old
+        worker = worker.replace(old, new)
+    head += (f" --block --num-cpus=0 --dashboard-port={dash} --temp-dir={temp} "
+             f"--ray-client-server-port={free_port()} --disable-usage-stats {_node_ports()}")
+    worker += (f" --block --num-cpus=2 --temp-dir={temp}/worker --disable-usage-stats "
+               f"{_node_ports()}")
+    return head, worker
+
+
+def _start(cmd, env):
+    return subprocess.Popen(["bash", "-c", cmd], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _stop(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:  # it exited, and its group with it (a node that failed to start)
+        proc.wait(timeout=10)
+        return
+    try:
+        proc.wait(timeout=5)  # `ray start --block` rarely exits on SIGTERM alone
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def _job_api_wants_the_token(url, head, timeout=90):
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url + "/api/version", timeout=2)
+            pytest.fail("the job API answered a request without the token")
+        except urllib.error.HTTPError as e:  # the server is up and wants the token
+            assert e.code in (401, 403), e.code
+            return
+        except OSError:
+            assert time.time() < deadline and head.poll() is None, "head did not start"
+            time.sleep(1)
+
+
+def _two_nodes_alive(port, env, budget=120) -> tuple[bool, str]:
+    """Both nodes registered, seen by a fresh client (which needs the token too)."""
+    code = ("import ray, time; ray.init(address='127.0.0.1:%d'); t = time.time()\n"
+            "while len([n for n in ray.nodes() if n['Alive']]) < 2 and time.time() - t < 30:\n"
+            "    time.sleep(1)\n"
+            "print(len([n for n in ray.nodes() if n['Alive']]))" % port)
+    deadline, seen = time.time() + budget, ""
+    while time.time() < deadline:
+        try:
+            out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                                 text=True, timeout=60)
+            if out.stdout.strip().endswith("2"):
+                return True, ""
+            seen = out.stdout + out.stderr
+        except subprocess.TimeoutExpired as e:
+            seen = f"the check hung for {e.timeout} s: {e.stderr!r}"
+        time.sleep(2)
+    return False, seen[-3000:]
+
+
+def _gcs_log(temp: str) -> str:
+    logs = sorted(Path(temp).glob("session_*/logs/gcs_server.*"))
+    return "".join(f"\n--- {p.name}:\n{p.read_text(errors='replace')[-1500:]}" for p in logs)
+
+
+@pytest.fixture(scope="module")
+def cluster_yaml_nodes(tmp_path_factory):
+    """A head and a worker node on this machine, each started by cluster.yaml's own command with
+    token auth; the token reaches a node as ~/.ray/auth_token (file_mounts). Yields the GCS
+    address, the job API's URL, the environment of a client holding the token, and the base
+    environment (no token anywhere)."""
+    bindir = os.path.dirname(sys.executable)
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    base["PATH"] = f"{bindir}:{os.environ['PATH']}"
+    home = tmp_path_factory.mktemp("node_home")
+    (home / ".ray").mkdir()
+    (home / ".ray" / "auth_token").write_text(secrets.token_hex(32))
+    (home / ".ray" / "auth_token").chmod(0o600)
+    node_env = {**base, "HOME": str(home)}
+    client = {**node_env, "RAY_AUTH_MODE": "token"}
+    failures = []
+    for _ in range(2):  # a head that never serves is restarted anew, on new ports
+        port, dash = free_port(), free_port()
+        temp = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")
+        head_cmd, worker_cmd = _node_commands(_cfg(), port, dash, temp)
+        head, worker = _start(head_cmd, node_env), None
+        try:
+            url = f"http://127.0.0.1:{dash}"
+            _job_api_wants_the_token(url, head)
+            worker = _start(worker_cmd, node_env)
+            ok, seen = _two_nodes_alive(port, client)
+            if ok:
+                yield f"127.0.0.1:{port}", url, client, base
+                return
+            failures.append(f"head on port {port} (alive: {head.poll() is None}): {seen}"
+                            f"{_gcs_log(temp)}")
+        finally:
+            if worker is not None:
+                _stop(worker)
+            _stop(head)
+            shutil.rmtree(temp, ignore_errors=True)
+    pytest.fail("the two-node cluster never became ready:\n" + "\n".join(failures))
 
 
 def _submit(url, env, *entrypoint, working_dir=None):
@@ -203,68 +321,65 @@ def _submit(url, env, *entrypoint, working_dir=None):
         time.sleep(2)
 
 
-@pytest.mark.slow
-def test_head_from_cluster_yaml_refuses_jobs_without_the_token(tmp_path):
-    """cluster.yaml's head command -> job API on 127.0.0.1 only; a submit without the token or
-    with a wrong one is refused (AuthenticationError); with the token, `pipelines.prepare` runs."""
+def _driver(name, args, env):
+    return subprocess.run([sys.executable, "-m", f"pipelines.{name}", *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow(seconds=90)
+def test_cluster_yaml_nodes_refuse_jobs_without_the_token_and_local_paths(cluster_yaml_nodes,
+                                                                         tmp_path):
+    """One cluster, two nodes, both started by cluster.yaml's commands:
+    - the job API listens on 127.0.0.1 only and refuses a submit without the token or with a
+      wrong one (AuthenticationError);
+    - local paths are refused up front with a clear message, and nothing is deleted (#17): the
+      other node cannot see this machine's disk;
+    - with the token, `ray job submit ... pipelines.prepare --shared-fs` runs, after its probe
+      file is seen from the other node;
+    - train refuses local storage before its first step."""
     from pipelines.songs import generate_dataset
 
-    generate_dataset(tmp_path / "slakh", 3, 2.0, seed=5)
-    bindir = os.path.dirname(sys.executable)
-    base = {k: v for k, v in os.environ.items()
-            if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
-    base["PATH"] = f"{bindir}:{os.environ['PATH']}"
-    home = tmp_path / "node_home"  # the token reaches a node as ~/.ray/auth_token (file_mounts)
-    (home / ".ray").mkdir(parents=True)
-    (home / ".ray" / "auth_token").write_text(secrets.token_hex(32))
-    (home / ".ray" / "auth_token").chmod(0o600)
+    address, url, client, base = cluster_yaml_nodes
+    dash = int(url.rsplit(":", 1)[1])
+    if (ip := _lan_ip()) is not None:  # --dashboard-host=127.0.0.1: nothing on other interfaces
+        with pytest.raises(OSError):
+            socket.create_connection((ip, dash), timeout=2).close()
     stranger = tmp_path / "stranger_home"  # a client with no token anywhere
     stranger.mkdir()
-    port, dash = free_port(), free_port()
-    temp = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")
-    head = subprocess.Popen(["bash", "-c", _head_command(_cfg(), port, dash, temp)],
-                            env={**base, "HOME": str(home)}, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        url = f"http://127.0.0.1:{dash}"
-        deadline = time.time() + 90
-        while True:
-            try:
-                urllib.request.urlopen(url + "/api/version", timeout=2)
-                pytest.fail("the job API answered a request without the token")
-            except urllib.error.HTTPError as e:  # the server is up and wants the token
-                assert e.code in (401, 403), e.code
-                break
-            except OSError:
-                assert time.time() < deadline and head.poll() is None, "head did not start"
-                time.sleep(1)
-        if (ip := _lan_ip()) is not None:  # --dashboard-host=127.0.0.1: nothing on other interfaces
-            with pytest.raises(OSError):
-                socket.create_connection((ip, dash), timeout=2).close()
+    no_token = _submit(url, {**base, "HOME": str(stranger)}, "echo", "pwned")
+    assert no_token.returncode != 0 and "pwned" not in no_token.stdout
+    assert "AuthenticationError" in no_token.stderr, no_token.stderr[-2000:]
+    assert "no authentication token was found" in no_token.stderr, no_token.stderr[-2000:]
+    wrong = _submit(url, {**base, "HOME": str(stranger), "RAY_AUTH_MODE": "token",
+                          "RAY_AUTH_TOKEN": secrets.token_hex(32)}, "echo", "pwned")
+    assert wrong.returncode != 0 and "pwned" not in wrong.stdout
+    assert "invalid or incorrect" in wrong.stderr, wrong.stderr[-2000:]
 
-        no_token = _submit(url, {**base, "HOME": str(stranger)}, "echo", "pwned")
-        assert no_token.returncode != 0 and "pwned" not in no_token.stdout
-        assert "AuthenticationError" in no_token.stderr, no_token.stderr[-2000:]
-        assert "no authentication token was found" in no_token.stderr, no_token.stderr[-2000:]
-        wrong = _submit(url, {**base, "HOME": str(stranger), "RAY_AUTH_MODE": "token",
-                              "RAY_AUTH_TOKEN": secrets.token_hex(32)}, "echo", "pwned")
-        assert wrong.returncode != 0 and "pwned" not in wrong.stdout
-        assert "invalid or incorrect" in wrong.stderr, wrong.stderr[-2000:]
+    generate_dataset(tmp_path / "slakh", 3, 2.0, seed=5)
+    out = tmp_path / "prepared"
+    (out / "train").mkdir(parents=True)
+    (out / "train" / "old.parquet").write_bytes(b"previous shards")
+    args = ["--input", str(tmp_path / "slakh"), "--output", str(out), "--config", "tiny"]
+    refused = _driver("prepare", args + ["--address", address], client)
+    assert refused.returncode != 0
+    assert "local path(s), but this Ray cluster has 1 node(s) besides the driver's" in \
+        refused.stderr + refused.stdout
+    assert "--shared-fs" in refused.stderr + refused.stdout
+    assert (out / "train" / "old.parquet").read_bytes() == b"previous shards"  # nothing deleted
 
-        out = tmp_path / "prepared"  # the client's token: ~/.ray/auth_token, as on the nodes
-        proc = _submit(url, {**base, "HOME": str(home), "RAY_AUTH_MODE": "token"},
-                       "python", "-m", "pipelines.prepare", "--input", str(tmp_path / "slakh"),
-                       "--output", str(out), "--config", "tiny", working_dir=ROOT)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-        assert "succeeded" in proc.stdout + proc.stderr
-        report = yaml.safe_load((out / "_report.json").read_text())
-        assert report["splits"]["train"]["tracks"] == 1 and not report["failed"]
-        assert list((out / "train").glob("*.parquet"))
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(timeout=10)
-        shutil.rmtree(temp, ignore_errors=True)
+    # the client's token: ~/.ray/auth_token, as on the nodes
+    proc = _submit(url, client, "python", "-m", "pipelines.prepare", *args, "--shared-fs",
+                   working_dir=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "succeeded" in proc.stdout + proc.stderr
+    report = yaml.safe_load((out / "_report.json").read_text())
+    assert report["splits"]["train"]["tracks"] == 1 and not report["failed"]
+    assert not (out / "train" / "old.parquet").exists() and list((out / "train").glob("*.parquet"))
+    assert not list(out.glob("._msdm_shared_probe_*"))
+
+    t0 = time.time()
+    train = _driver("train", ["--data", str(out), "--storage", str(tmp_path / "runs"), "--name",
+                              "r", "--config", "tiny", "--address", address], client)
+    assert train.returncode != 0 and "local path(s)" in train.stderr + train.stdout
+    assert not list((tmp_path / "runs").glob("r/checkpoint_*"))  # refused before the first step
+    print(f"train refused local storage after {time.time() - t0:.1f} s")

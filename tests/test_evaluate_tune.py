@@ -45,7 +45,7 @@ def _direct(ckpt, split_dir, overrides=None, seed=0):
     return summarize(w, cfg.data.stems), w.shape[0], kept_by_refs
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=45)
 def test_evaluate_matches_direct_computation(synth_prepared, tiny_unet_ckpt, tmp_path):
     data = synth_prepared / "prepared"
     same = tmp_path / "same.yaml"  # the checkpoint's own sampler, written out: reused, not re-run
@@ -68,7 +68,7 @@ def test_evaluate_matches_direct_computation(synth_prepared, tiny_unet_ckpt, tmp
     assert "| checkpoint sampler |" in (tmp_path / "eval" / "results.md").read_text()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=45)
 def test_tune_four_trials_and_best_yaml_round_trips_into_evaluate(synth_prepared, tiny_unet_ckpt,
                                                                   tmp_path, capfd):
     data = synth_prepared / "prepared"

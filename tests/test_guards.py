@@ -30,6 +30,7 @@ def test_msdm_never_imports_ray_pipelines_or_tests():
     assert {k: v for k, v in bad.items() if v} == {}
 
 
+@pytest.mark.slow(seconds=9)
 def test_import_msdm_works_with_ray_blocked():
     code = "import sys; sys.modules['ray'] = None; import msdm, msdm.audio, msdm.data, " \
            "msdm.training, msdm.metrics; print('ok')"

@@ -14,7 +14,7 @@ from pipelines import evaluate, separate, train
 STEMS = ("bass", "drums", "guitar", "piano")
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=80)
 def test_four_single_stem_priors_separate_together(synth_prepared, tmp_path):
     data = str(synth_prepared / "prepared")
     out = train.main(["--data", data, "--storage", str(tmp_path / "runs"), "--name", "guitar",

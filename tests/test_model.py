@@ -42,6 +42,7 @@ def test_inconsistent_level_config_is_rejected(tiny_cfg):
         apply_overrides(tiny_cfg, {"model.factors": [4, 4, 4]})
 
 
+@pytest.mark.slow(seconds=11)
 def test_tiny_unet_overfits_one_batch(tiny_cfg, synthetic_stems):
     """Fixed batch, sigma and noise: the loss must fall more than 10x in well under a minute."""
     torch.manual_seed(0)
@@ -62,7 +63,7 @@ def test_tiny_unet_overfits_one_batch(tiny_cfg, synthetic_stems):
     assert first / last > 10
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=14)
 def test_compiled_network_matches_eager_on_cpu(tiny_cfg, synthetic_stems):
     """train.compile (#17): the in-place torch.compile'd denoiser gives the eager loss and
     gradients to float rounding on CPU, and keeps the eager state_dict keys (checkpoints)."""

@@ -109,6 +109,7 @@ def _read_split(out, split):
     return pq.read_table(str(Path(out) / split))
 
 
+@pytest.mark.slow(seconds=25)
 def test_pipeline_reports_corrupt_track_and_keeps_the_others(ray_local, tmp_path):
     root, out = tmp_path / "slakh", tmp_path / "out"
     _tree(root)

@@ -178,7 +178,7 @@ def test_separate_and_tune_check_init_in_the_driver(tiny_unet_ckpt, tmp_path):
                    missing])
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=65)
 def test_hdemucs_trains_with_ray_and_evaluate_scores_it(synth_prepared, tmp_path,
                                                          tiny_unet_ckpt):
     """The regressor row: pipelines.train with --set model.kind=hdemucs (a 2-step Ray Train

@@ -131,7 +131,7 @@ def test_window_resampling_matches_the_whole_file():
             assert np.abs(seg[a - s : b - s] - mid[a:b]).max() < 1e-5
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=19)
 def test_separate_folder_reports_bad_files_and_resumes(ray_local, tmp_path, tiny_unet_ckpt):
     src = _inputs(tmp_path / "in")
     out = tmp_path / "out"
@@ -160,7 +160,7 @@ def test_separate_folder_reports_bad_files_and_resumes(ray_local, tmp_path, tiny
     assert (out / "song1" / "piano.wav").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=13)
 def test_model_rate_output_sums_exactly(ray_local, tmp_path, tiny_unet_ckpt):
     src = tmp_path / "in"
     src.mkdir()
@@ -176,7 +176,7 @@ def test_model_rate_output_sums_exactly(ray_local, tmp_path, tiny_unet_ckpt):
     assert row["peak"] > 0
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=10)
 def test_s3_in_and_out(ray_local, s3_bucket, tmp_path, tiny_unet_ckpt):
     import s3fs
 
@@ -207,7 +207,7 @@ def test_s3_in_and_out(ray_local, s3_bucket, tmp_path, tiny_unet_ckpt):
     assert res2["counts"] == {"ok": 0, "failed": 1, "skipped": 1}
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=22)
 def test_channels_mono_stem_subsets_two_stems_and_mp3(ray_local, tmp_path, tiny_unet_ckpt):
     """#14: --channels mono keeps model-rate mid stems (resampled); --stems writes a subset;
     --two-stems STEM writes STEM and no_STEM = mixture - STEM; MP3 input decodes."""
@@ -295,7 +295,7 @@ def _write_long(path, seconds, sr=44100):
             f.write(_song(min(10, seconds - 10 * i), sr=sr, seed=i))
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=50)
 def test_memory_of_every_process_is_flat_in_track_length(ray_local, tmp_path, tiny_unet_ckpt):
     """#14: peak RSS of the largest process of the job (driver, decoders, model actor with the
     channel split) grows <= 25 % from a 15-second to a 120-second stereo 44.1 kHz file (8x, as
@@ -323,7 +323,7 @@ def test_memory_of_every_process_is_flat_in_track_length(ray_local, tmp_path, ti
     assert long <= 1.25 * short, (short, long)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=15)
 def test_generate_total_and_partial(ray_local, tmp_path, tiny_unet_ckpt):
     rows = generate.main(["--ckpt", str(tiny_unet_ckpt), "--output", str(tmp_path / "g"),
                           "--num", "3", "--seconds", "0.5"])
@@ -424,7 +424,7 @@ def test_complete_outputs_without_rows_get_real_rows(tmp_path, tiny_unet_ckpt):
     assert row["outputs"] == {s: str(out / "song0" / f"{s}.wav") for s in STEMS}
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=30)
 def test_bad_entries_become_failed_rows_and_all_failing_exits_non_zero(ray_local, tmp_path,
                                                                       tiny_unet_ckpt):
     """#19.5: a folder named like audio and a symlink loop are failed rows, not a crash."""

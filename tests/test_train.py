@@ -51,7 +51,7 @@ def _kill_a_worker_after(fs, marker: str, killed: list, timeout: float = 300) ->
         fs.invalidate_cache()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=160)
 def test_ddp_training_on_s3_recovers_from_a_killed_worker_and_resumes(synth_prepared, s3_bucket):
     data = str(synth_prepared / "prepared")
     storage = f"s3://{s3_bucket}/runs"
@@ -117,7 +117,7 @@ def test_driver_refuses_bad_runs_before_ray_starts(synth_prepared, tmp_path):
     assert not (tmp_path / "runs" / "x" / "config.json").exists()  # nothing was started
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=5)
 def test_more_workers_than_the_cluster_has_fail_with_a_message(ray_local, synth_prepared,
                                                                tmp_path):
     """#19.11: 16 workers on a 2-CPU cluster is an error naming the resources, not a hang."""
@@ -127,6 +127,7 @@ def test_more_workers_than_the_cluster_has_fail_with_a_message(ray_local, synth_
                     "16", "--set", "train.batch_size=16"])
 
 
+@pytest.mark.slow(seconds=15)
 def test_training_order_differs_across_epochs_and_seeds(ray_local, synth_prepared):
     """#17: seeded file/block order per epoch and a seeded shuffle buffer: the rows of an epoch
     come in another order in the next epoch and under another seed, and cover the split."""
