@@ -16,6 +16,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
+import threading
 
 import numpy as np
 
@@ -167,12 +169,27 @@ def main(argv=None) -> dict:
             failure_config=FailureConfig(max_failures=args.max_failures)),
         datasets={"train": train_ds},
     )
-    result = trainer.fit()
+    result = _fit(trainer)
     best = _export_best(result, run_uri)
     plot_loss(storage.join(run_uri, "metrics.csv"), storage.join(run_uri, "loss.png"))
     log(f"done: best val_loss {best['val_loss']:.4f} at step {best['step']}; "
         f"exported {storage.join(run_uri, 'model.ckpt')}")
     return {"run": run_uri, **best, "metrics": dict(result.metrics or {})}
+
+
+def _fit(trainer):
+    """trainer.fit(), with this process's Ctrl-C handler put back afterwards. Ray Train installs
+    its own, which holds the run's controller actor: while it is installed, the controller and
+    the Ray Data actors it owns (~3 processes, a few hundred MB) outlive the run in a driver
+    that goes on (make demo, bench-quality, notebooks), and a later Ctrl-C only "aborts" the
+    finished run instead of interrupting the driver."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        return trainer.fit()
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _latest_step(run_uri: str) -> int:

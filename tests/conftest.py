@@ -88,6 +88,20 @@ def ancestors(pid: int) -> list[int]:
     return out
 
 
+def processes_named(text: str) -> list[int]:
+    """Processes of this test run's Ray cluster (descendants of this process) whose command
+    line contains `text`: never another pytest worker's."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if text.encode() in f.read() and os.getpid() in ancestors(int(entry)):
+                    pids.append(int(entry))
+        except (OSError, ValueError):
+            continue
+    return sorted(pids)
+
+
 def free_port() -> int:
     """A free TCP port outside the kernel's ephemeral range (32768-60999 here) and Ray's worker
     ports (10002-19999). A port the kernel handed out for port 0 and we released can be handed

@@ -12,7 +12,7 @@ import time
 import pytest
 import s3fs
 import torch
-from conftest import ancestors
+from conftest import processes_named
 
 import msdm
 from msdm.checkpoint import CheckpointError, build_denoiser, save
@@ -24,26 +24,12 @@ def _history(fs, run):
     return list(csv.DictReader(io.StringIO(fs.cat(f"{run}/metrics.csv").decode())))
 
 
-def _processes_named(text: str) -> list[int]:
-    """Processes of this test run's Ray cluster (descendants of this process) whose command
-    line contains `text`: never another pytest worker's."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if text.encode() in f.read() and os.getpid() in ancestors(int(entry)):
-                    pids.append(int(entry))
-        except (OSError, ValueError):
-            continue
-    return sorted(pids)
-
-
 def _kill_a_worker_after(fs, marker: str, killed: list, timeout: float = 300) -> None:
     """SIGKILL one Ray Train worker process once `marker` exists in storage."""
     deadline = time.time() + timeout
     while time.time() < deadline and not killed:
         if fs.exists(marker):
-            for pid in _processes_named("RayTrainWorker"):
+            for pid in processes_named("RayTrainWorker"):
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
                 return
