@@ -183,12 +183,13 @@ def _fit(trainer):
     the Ray Data actors it owns (~3 processes, a few hundred MB) outlive the run in a driver
     that goes on (make demo, bench-quality, notebooks), and a later Ctrl-C only "aborts" the
     finished run instead of interrupting the driver."""
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.getsignal(signal.SIGINT) if main else None
+    # None: a handler not installed from Python, which cannot be put back from Python either
+    previous = (signal.getsignal(signal.SIGINT)
+                if threading.current_thread() is threading.main_thread() else None)
     try:
         return trainer.fit()
     finally:
-        if main:
+        if previous is not None:
             signal.signal(signal.SIGINT, previous)
 
 

@@ -230,7 +230,8 @@ def _stop(proc):
         proc.wait(timeout=10)
 
 
-def _job_api_wants_the_token(url, head, timeout=90):
+def _job_api_wants_the_token(url, head, timeout=90) -> str:
+    """'' once the job API answers and wants the token; else why it never answered."""
     deadline = time.time() + timeout
     while True:
         try:
@@ -238,9 +239,12 @@ def _job_api_wants_the_token(url, head, timeout=90):
             pytest.fail("the job API answered a request without the token")
         except urllib.error.HTTPError as e:  # the server is up and wants the token
             assert e.code in (401, 403), e.code
-            return
-        except OSError:
-            assert time.time() < deadline and head.poll() is None, "head did not start"
+            return ""
+        except OSError as e:
+            if head.poll() is not None:
+                return f"the head exited with code {head.returncode}"
+            if time.time() > deadline:
+                return f"no answer on {url} after {timeout} s ({e})"
             time.sleep(1)
 
 
@@ -293,7 +297,9 @@ def cluster_yaml_nodes(tmp_path_factory):
         head, worker = _start(head_cmd, node_env), None
         try:
             url = f"http://127.0.0.1:{dash}"
-            _job_api_wants_the_token(url, head)
+            if why := _job_api_wants_the_token(url, head):
+                failures.append(f"head on port {port}: {why}{_gcs_log(temp)}")
+                continue
             worker = _start(worker_cmd, node_env)
             ok, seen = _two_nodes_alive(port, client)
             if ok:
