@@ -83,7 +83,7 @@ def evaluate_one(ray, args, ckpt, cfg, name: str) -> dict:
             fn_constructor_kwargs={"ckpt": ckpt, "cfg": cfg.to_dict(),
                                    "num_gpus": args.gpus_per_actor, "seed": args.seed},
             compute=ray.data.ActorPoolStrategy(size=args.actors), num_gpus=args.gpus_per_actor)
-        ds = ds.groupby(COL_TRACK, num_partitions=8).map_groups(
+        ds = ds.groupby(COL_TRACK).map_groups(
             score_track, batch_format="numpy", fn_kwargs={"sample_rate": cfg.data.sample_rate})
         rows = ds.take_all()
     windows = torch.tensor(np.array([r["si_sdri"] for r in rows])).reshape(-1, len(cfg.data.stems))

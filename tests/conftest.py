@@ -102,22 +102,43 @@ def processes_named(text: str) -> list[int]:
     return sorted(pids)
 
 
+_ISSUED: set[int] = set()
+
+
+def _quiet_port_ranges() -> list[range]:
+    """Ports above Ray's worker ports (10002-19999) and outside the kernel's ephemeral range."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = map(int, f.read().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    spans = [range(20000, min(low, 32000)), range(max(high + 1, 20000), 65536)]
+    return [r for r in spans if len(r) >= 1000]
+
+
 def free_port() -> int:
-    """A free TCP port outside the kernel's ephemeral range (32768-60999 here) and Ray's worker
-    ports (10002-19999). A port the kernel handed out for port 0 and we released can be handed
-    out again before our server binds it; a gRPC server (Ray's GCS) then binds it too, with
-    SO_REUSEPORT, and clients reach the wrong process: the "head that never serves" seen in
-    make test runs. Below 32768 nothing is handed out behind our back."""
+    """A free TCP port outside the kernel's ephemeral range (read from /proc) and Ray's worker
+    ports, never one this process handed out before. A port the kernel handed out for port 0
+    and we released can be handed out again before our server binds it; a gRPC server (Ray's
+    GCS) then binds it too, with SO_REUSEPORT, and clients reach the wrong process: the "head
+    that never serves" seen in make test runs. Outside that range nothing is handed out behind
+    our back. Where no such range is left, the kernel's choice, as before."""
     rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(20000, 32000)
+    ranges = _quiet_port_ranges()
+    for _ in range(200 if ranges else 0):
+        port = rng.choice(rng.choice(ranges))
+        if port in _ISSUED:
+            continue
         try:
             with socket.socket() as s:
                 s.bind(("0.0.0.0", port))
-            return port
         except OSError:
             continue
-    raise RuntimeError("no free port in 20000-32000")
+        _ISSUED.add(port)
+        return port
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -225,6 +246,7 @@ def _seconds(item) -> float:
     return 1.0 if marker is None else float(marker.kwargs.get("seconds", 20))
 
 
+@pytest.hookimpl(trylast=True)  # after pytest's own -k/-m deselection
 def pytest_collection_modifyitems(config, items):
     """Longest tests first, spread evenly over the xdist workers. `--dist worksteal` (make test)
     gives each worker one contiguous block of the collection (n // k items to the first, ...)
