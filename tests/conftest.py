@@ -88,15 +88,17 @@ def ancestors(pid: int) -> list[int]:
     return out
 
 
-def processes_named(text: str) -> list[int]:
+def processes_named(text: str, prefix: bool = False) -> list[int]:
     """Processes of this test run's Ray cluster (descendants of this process) whose command
-    line contains `text`: never another pytest worker's."""
-    pids = []
+    line contains `text` (starts with it, with `prefix`): never another pytest worker's."""
+    pids, want = [], text.encode()
     for entry in os.listdir("/proc"):
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if text.encode() in f.read() and os.getpid() in ancestors(int(entry)):
-                    pids.append(int(entry))
+                cmd = f.read()
+            if (cmd.startswith(want) if prefix else want in cmd) and \
+                    os.getpid() in ancestors(int(entry)):
+                pids.append(int(entry))
         except (OSError, ValueError):
             continue
     return sorted(pids)

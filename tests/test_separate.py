@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import ancestors
+from conftest import processes_named
 
 from msdm.audio import RatePlan, read_audio, resample, to_mono
 from msdm.checkpoint import load_checkpoint
@@ -240,17 +240,7 @@ def test_channels_mono_stem_subsets_two_stems_and_mp3(ray_local, tmp_path, tiny_
 
 def _job_pids() -> list[int]:
     """This process and every Ray worker process it started (descendants named ray::)."""
-    me, pids = os.getpid(), [os.getpid()]
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            cmd = open(f"/proc/{d}/cmdline", "rb").read()
-        except OSError:
-            continue
-        if cmd.startswith(b"ray::") and me in ancestors(int(d)):
-            pids.append(int(d))
-    return pids
+    return [os.getpid(), *processes_named("ray::", prefix=True)]
 
 
 def _peak_rss_while(fn) -> dict[int, np.ndarray]:
