@@ -181,15 +181,35 @@ def gaussian_likelihood(denoiser, mixture, gamma: float):
     return derivative, lambda x: x
 
 
+def draw_generators(generator: Generator, samples: int, batch: int) -> Generator:
+    """Generators for `samples` draws of a batch laid out draw-major ([draw 0 items, draw 1
+    items, ...]). Per-item generators each seed one child per draw, so an item's draws still do
+    not depend on the batch it was run in; one generator (or None) serves the whole batch."""
+    if generator is None or isinstance(generator, torch.Generator) or samples == 1:
+        return generator
+    gens = list(generator)
+    if len(gens) != batch:
+        raise ValueError(f"got {len(gens)} generators for a batch of {batch}")
+    seeds = [[int(torch.randint(2**62, (1,), generator=g, device=g.device)) for _ in range(samples)]
+             for g in gens]
+    return [torch.Generator(device=g.device).manual_seed(seeds[i][d])
+            for d in range(samples) for i, g in enumerate(gens)]
+
+
 @torch.no_grad()
 def separate(denoiser, mixture, num_stems: int, config, likelihood: str = "dirac",
              constrained: int = 0, generator: Generator = None, gamma: float = 0.75,
-             callback=None, init: torch.Tensor | None = None) -> torch.Tensor:
+             callback=None, init: torch.Tensor | None = None, samples: int = 1) -> torch.Tensor:
     """Posterior sampling of the stems of `mixture` [B, 1, T]. Returns [B, S, T].
 
     Dirac: the output is re-projected after the last step, so the stems sum exactly to the mixture.
     `init` [B, S, T] (e.g. a regressor's estimate) starts the sampler from init + sigma_max * noise
     instead of pure noise (SDEdit-style refinement).
+    `samples` > 1 returns the posterior-mean estimate instead of one sample: the average of that
+    many independent posterior samples per mixture, drawn as one batch of samples x B (NFE and
+    memory x samples). Its error to the true posterior mean shrinks as 1 / samples; under a
+    Gaussian prior the squared error to the true stems falls from 2 to (1 + 1/samples) times the
+    posterior variance. Dirac samples each sum to the mixture, so their mean does too.
     """
     _check("mixture", mixture, 3, "[B, 1, T]")
     if mixture.shape[1] != 1:
@@ -202,19 +222,29 @@ def separate(denoiser, mixture, num_stems: int, config, likelihood: str = "dirac
     if likelihood == "dirac":
         if not -num_stems <= constrained < num_stems:
             raise ValueError(f"constrained must index one of {num_stems} stems, got {constrained}")
-        derivative, finalize = dirac_likelihood(denoiser, mixture, constrained % num_stems)
     elif likelihood == "gaussian":
         if gamma <= 0:
             raise ValueError(f"gamma must be positive, got {gamma}")
-        derivative, finalize = gaussian_likelihood(denoiser, mixture, gamma)
     else:
         raise ValueError(f"unknown likelihood {likelihood!r}; expected 'dirac' or 'gaussian'")
-    randn_like = make_randn_like(generator)
-    x = randn_like(mixture.expand(b, num_stems, t)) * cfg.sigma_max
     if init is not None:
         _check("init", init, 3, f"[{b}, {num_stems}, {t}]")
         if init.shape != (b, num_stems, t):
             raise ValueError(f"init must have shape [{b}, {num_stems}, {t}], "
                              f"got {tuple(init.shape)}")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be a positive integer, got {samples!r}")
+    if samples > 1:  # one batch of samples x B: draw d of item i at row d * B + i
+        generator = draw_generators(generator, samples, b)
+        mixture = mixture.repeat(samples, 1, 1)
+        init = init.repeat(samples, 1, 1) if init is not None else None
+    if likelihood == "dirac":
+        derivative, finalize = dirac_likelihood(denoiser, mixture, constrained % num_stems)
+    else:
+        derivative, finalize = gaussian_likelihood(denoiser, mixture, gamma)
+    randn_like = make_randn_like(generator)
+    x = randn_like(mixture.expand(mixture.shape[0], num_stems, t)) * cfg.sigma_max
+    if init is not None:
         x = init.to(x) + x
-    return finalize(run_sampler(derivative, x, cfg, randn_like, callback))
+    out = finalize(run_sampler(derivative, x, cfg, randn_like, callback))
+    return out.reshape(samples, b, num_stems, t).mean(0) if samples > 1 else out

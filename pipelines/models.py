@@ -64,10 +64,11 @@ def load_model(ckpt, device: str = "cpu"):
 
 
 def separation_nfe(cfg: Config) -> int:
-    """Model evaluations per segment: 1 for a regressor, the sampler's NFE (+ 1 with --init)."""
+    """Model evaluations per segment: 1 for a regressor, the sampler's NFE times
+    `separation.samples` (+ 1 with --init)."""
     if cfg.model.kind == "hdemucs":
         return 1
-    return nfe(cfg.sampler) + (1 if cfg.separation.init else 0)
+    return nfe(cfg.sampler) * cfg.separation.samples + (1 if cfg.separation.init else 0)
 
 
 def check_init(cfg: Config) -> None:
@@ -134,7 +135,8 @@ class Separator:
             est = separate(self.denoiser, mixture, len(cfg.data.stems),
                            cfg.sampler, likelihood=cfg.separation.likelihood,
                            constrained=cfg.separation.constrained, gamma=cfg.separation.gamma,
-                           generator=item_generators(seeds, self.device), init=init)
+                           generator=item_generators(seeds, self.device), init=init,
+                           samples=cfg.separation.samples)
             if cfg.separation.mask_power > 0:  # default: ~93 ms frames at the model's rate
                 n_fft = cfg.separation.mask_nfft or 1 << round(
                     math.log2(4096 * cfg.data.sample_rate / 44100))

@@ -9,6 +9,7 @@ import msdm
 from msdm.checkpoint import CheckpointError, build_model, check_size, load_checkpoint, save
 from msdm.config import ConfigError, apply_overrides, load_config
 from msdm.regressor import Regressor, project_residual
+from msdm.sampling import nfe
 from msdm.tasks import project
 from msdm.training import make_optimizer, train_step, validation_loss
 from pipelines import evaluate
@@ -138,6 +139,26 @@ def test_init_refinement_in_the_separator(tiny_unet_ckpt, reg_ckpt):
     plain = Separator(str(tiny_unet_ckpt), apply_overrides(refine, {"separation.init": ""}))
     assert sep.init is not None and plain.init is None
     assert separation_nfe(refine) == separation_nfe(plain.cfg) + 1
+
+
+def test_separator_averages_posterior_samples(tiny_unet_ckpt, reg_ckpt):
+    """separation.samples: the Separator returns the mean of that many draws per segment
+    (the same as msdm.separate with samples=K and the item's seed), which still sums to the
+    mixture, and counts K x the sampler's NFE (+ 1 for --init)."""
+    base, _ = load_checkpoint(tiny_unet_ckpt)
+    _, mix = _mixtures(base)
+    keys = [("t", 0), ("t", 1)]
+    cfg = apply_overrides(base, {"sampler.num_steps": 3, "separation.samples": 3})
+    one = Separator(str(tiny_unet_ckpt), apply_overrides(cfg, {"separation.samples": 1}))
+    avg = Separator(str(tiny_unet_ckpt), cfg)
+    out1, out3 = one(mix.numpy(), keys), avg(mix.numpy(), keys)
+    assert np.abs(out3 - out1).max() > 1e-3
+    np.testing.assert_allclose(out3.sum(1), mix.numpy(), atol=5e-5)  # float32 mean of 3
+    assert separation_nfe(cfg) == 3 * separation_nfe(one.cfg) == 3 * nfe(cfg.sampler)
+    refine = apply_overrides(cfg, {"separation.init": str(reg_ckpt)})
+    assert separation_nfe(refine) == 3 * nfe(cfg.sampler) + 1
+    with pytest.raises(ConfigError, match="samples must be >= 1"):
+        apply_overrides(cfg, {"separation.samples": 0})
 
 
 def test_missing_or_mismatched_init_fails_in_the_driver(tiny_unet_ckpt, reg_ckpt, tmp_path):

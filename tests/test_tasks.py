@@ -76,6 +76,50 @@ def test_imputation_keeps_known_stems_and_pulls_toward_conditional_mean(gaussian
     assert 0.85 < betas["guidance"] < 1.15  # guidance gets close to the exact posterior
 
 
+def test_posterior_mean_of_samples_matches_closed_form_error(gaussian_denoiser):
+    """Dirac posterior of x ~ N(0, Sig) given y = 1'x: mean m y with m = Sig 1 / (1'Sig 1),
+    covariance P = Sig - Sig 1 1' Sig / (1'Sig 1). One sample misses the posterior mean by P per
+    stem; the average of K samples by P / K, and misses the true stems by (1 + 1/K) P. (The
+    constrained stem is set to y - the others, whose summed noise the denoiser does not expect:
+    the Dirac sampler draws it narrower than P, so it is checked against its own spread.)"""
+    x = gaussian_samples(COV, 4, T, seed=7).double()
+    mixture = x.sum(1, keepdim=True)
+    one = torch.ones(4, dtype=torch.float64)
+    m = COV @ one / (one @ COV @ one)
+    post = COV - torch.outer(COV @ one, COV @ one) / (one @ COV @ one)
+    mean = m[None, :, None] * mixture
+    cfg = msdm.SamplerConfig(num_steps=40, sigma_max=3.0, s_churn=0.0, solver="heun")
+    to_mean, to_truth = {}, {}
+    for k in (1, 4):
+        est = msdm.separate(gaussian_denoiser, mixture.float(), 4, cfg, samples=k,
+                            generator=item_generators(range(4))).double()
+        assert (est.sum(1, keepdim=True) - mixture).abs().max() < 1e-5
+        to_mean[k] = (est - mean).pow(2).mean((0, 2)) / post.diagonal()
+        to_truth[k] = (est - x).pow(2).mean((0, 2)) / post.diagonal()
+        print(f"samples {k}: error to the posterior mean / P {to_mean[k].numpy().round(3)} "
+              f"(exact {1 / k:.3f}), to the stems {to_truth[k].numpy().round(3)} "
+              f"(exact {1 + 1 / k:.3f})")
+        assert ((to_mean[k][1:] - 1 / k).abs() < 0.08 / k).all()  # the free stems: exact
+        assert ((to_truth[k][1:] - (1 + 1 / k)).abs() < 0.08).all()
+        # x - E[x|y] is independent of the sampler's noise: the errors add
+        assert ((to_truth[k] - (1 + to_mean[k])).abs() < 0.06).all()
+    assert ((to_mean[4] / to_mean[1] - 0.25).abs() < 0.04).all()
+
+
+def test_posterior_mean_batch_equals_items_one_by_one(gaussian_denoiser):
+    mixture = gaussian_samples(COV, 3, 256, seed=8).sum(1, keepdim=True)
+    cfg = msdm.SamplerConfig(num_steps=6)
+    seeds = [4, 5, 6]
+    batch = msdm.separate(gaussian_denoiser, mixture, 4, cfg, samples=3,
+                          generator=item_generators(seeds))
+    single = msdm.separate(gaussian_denoiser, mixture, 4, cfg, generator=item_generators(seeds))
+    assert not torch.allclose(batch, single, atol=1e-3)  # an average, not the first draw
+    for i, s in enumerate(seeds):
+        one = msdm.separate(gaussian_denoiser, mixture[i : i + 1], 4, cfg, samples=3,
+                            generator=item_generators([s]))
+        assert torch.allclose(batch[i : i + 1], one, atol=1e-6)
+
+
 def test_seeded_batch_equals_items_one_by_one(gaussian_denoiser):
     mixture = gaussian_samples(COV, 3, 256, seed=6).sum(1, keepdim=True)
     cfg = msdm.SamplerConfig(num_steps=6, resamples=2)
@@ -119,6 +163,8 @@ def test_project_is_pure_and_exact():
     (dict(likelihood="laplace"), "likelihood"),
     (dict(constrained=4), "constrained"),
     (dict(num_stems=0), "num_stems"),
+    (dict(samples=0), "samples"),
+    (dict(samples=2.0), "samples"),
 ])
 def test_separate_rejects_bad_input(gaussian_denoiser, bad, match):
     kwargs = dict(mixture=torch.randn(1, 1, 8), num_stems=4, likelihood="dirac", constrained=0)
