@@ -69,6 +69,24 @@ def add_init(p: argparse.ArgumentParser) -> None:
                         "re-noised to sampler.sigma_max, starts the sampler (sets separation.init)")
 
 
+def _threads(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return n
+
+
+def add_threads(p: argparse.ArgumentParser) -> None:
+    """--threads for the jobs with CPU model actors (evaluate, separate)."""
+    p.add_argument("--threads", type=_threads, default=0,
+                   help="torch threads per CPU model actor (default 0: one per CPU it holds, "
+                        "i.e. 1). An actor holds one CPU; when reading is light (evaluate on a "
+                        "small box) more threads use the cores the readers leave idle")
+
+
 def resolve_config(args, base: Config | None = None, sampler_files=()) -> Config:
     """The one way every job resolves its config, before Ray starts.
 

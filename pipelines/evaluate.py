@@ -26,6 +26,7 @@ from msdm.metrics import summarize
 from . import storage
 from .common import (
     add_init,
+    add_threads,
     check_actor_cpus,
     ckpt_uris,
     data_context,
@@ -56,6 +57,7 @@ def build_parser():
     p.add_argument("--output", required=True, help="folder for results.json, .md and .png")
     p.add_argument("--actors", type=int, default=1, help="model replicas (actor pool size)")
     p.add_argument("--gpus-per-actor", type=float, default=0)
+    add_threads(p)
     p.add_argument("--batch-size", type=int, default=4, help="chunks per model call")
     add_init(p)
     return p
@@ -81,7 +83,8 @@ def evaluate_one(ray, args, ckpt, cfg, name: str) -> dict:
         ds = ds.map_batches(
             SeparateChunks, batch_size=args.batch_size, batch_format=fmt,
             fn_constructor_kwargs={"ckpt": ckpt, "cfg": cfg.to_dict(),
-                                   "num_gpus": args.gpus_per_actor, "seed": args.seed},
+                                   "num_gpus": args.gpus_per_actor, "seed": args.seed,
+                                   "threads": args.threads},
             compute=ray.data.ActorPoolStrategy(size=args.actors), num_gpus=args.gpus_per_actor)
         ds = ds.groupby(COL_TRACK).map_groups(
             score_track, batch_format="numpy", fn_kwargs={"sample_rate": cfg.data.sample_rate})

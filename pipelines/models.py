@@ -104,10 +104,13 @@ class Separator:
     """Separate mono mixtures [B, T] with the checkpoint's network and the sampler, likelihood
     and constrained stem of `cfg` (the resolved config of the job). A regressor checkpoint runs
     once per batch; with `cfg.separation.init` the regressor's estimate (loaded once here)
-    starts the sampler at init + sigma_max * noise."""
+    starts the sampler at init + sigma_max * noise. `threads` > 0: torch threads on CPU."""
 
-    def __init__(self, ckpt, cfg: dict | Config, num_gpus: float = 0, seed: int = 0):
+    def __init__(self, ckpt, cfg: dict | Config, num_gpus: float = 0, seed: int = 0,
+                 threads: int = 0):
         self.device = pick_device(num_gpus)
+        if threads and self.device == "cpu":  # Ray pins an actor to OMP_NUM_THREADS = its CPUs
+            torch.set_num_threads(threads)
         _, self.denoiser = load_model(ckpt, self.device)
         self.cfg = cfg if isinstance(cfg, Config) else Config.from_dict(cfg)
         self.seed = seed

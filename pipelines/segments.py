@@ -71,8 +71,8 @@ class SeparateSegments:
     stems."""
 
     def __init__(self, ckpt, cfg: dict, num_gpus: float = 0, seed: int = 0,
-                 split: dict | None = None):
-        self.separator = Separator(ckpt, cfg, num_gpus, seed)
+                 split: dict | None = None, threads: int = 0):
+        self.separator = Separator(ckpt, cfg, num_gpus, seed, threads)
         self.peak_private = 0.0
         self.split = split
 

@@ -34,6 +34,7 @@ from .catalog import (
 )
 from .common import (
     add_init,
+    add_threads,
     check_actor_cpus,
     ckpt_uris,
     data_context,
@@ -76,6 +77,7 @@ def build_parser():
                    help="soft-mask exponent p in |S_n|^p / sum |S_m|^p")
     p.add_argument("--actors", type=int, default=1, help="model replicas")
     p.add_argument("--gpus-per-actor", type=float, default=0)
+    add_threads(p)
     p.add_argument("--batch-size", type=int, default=8, help="segments per model call")
     p.add_argument("--object-store-mb", type=float, default=0,
                    help="object store of the local cluster this job starts (ignored with "
@@ -222,7 +224,7 @@ def _stream(ray, args, ckpt, cfg, subtype, names, todo):
         SeparateSegments, batch_size=args.batch_size, batch_format="numpy",
         fn_constructor_kwargs={"ckpt": ckpt, "cfg": cfg.to_dict(),
                                "num_gpus": args.gpus_per_actor, "seed": args.seed,
-                               "split": None if staged else split},
+                               "split": None if staged else split, "threads": args.threads},
         compute=ray.data.ActorPoolStrategy(size=args.actors), num_gpus=args.gpus_per_actor)
     if staged:
         ds = ds.map_batches(split_segments, batch_size=2, batch_format="numpy", fn_kwargs=split,

@@ -76,8 +76,8 @@ class SeparateChunks:
     In: track_id, chunk_index, one column per stem. Out: track_id, chunk_index, est, ref [B,S,T].
     """
 
-    def __init__(self, ckpt, cfg: dict, num_gpus: float = 0, seed: int = 0):
-        self.separator = Separator(ckpt, cfg, num_gpus, seed)
+    def __init__(self, ckpt, cfg: dict, num_gpus: float = 0, seed: int = 0, threads: int = 0):
+        self.separator = Separator(ckpt, cfg, num_gpus, seed, threads)
 
     def __call__(self, batch) -> dict:
         ref = batch_to_tensor(batch, self.separator.cfg.data.stems).numpy()  # [B, S, T]

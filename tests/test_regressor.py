@@ -161,6 +161,28 @@ def test_separator_averages_posterior_samples(tiny_unet_ckpt, reg_ckpt):
         apply_overrides(cfg, {"separation.samples": 0})
 
 
+def test_separator_threads_and_the_flag(tiny_unet_ckpt):
+    """--threads: a CPU model actor runs that many torch threads (Ray pins it to one)."""
+    from pipelines import separate
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        base, _ = load_checkpoint(tiny_unet_ckpt)
+        Separator(str(tiny_unet_ckpt), base, threads=2)
+        assert torch.get_num_threads() == 2
+        Separator(str(tiny_unet_ckpt), base)  # 0: leave the process's setting alone
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    for job in (evaluate, separate):
+        assert job.build_parser().parse_args(
+            ["--ckpt", "c", "--output", "o", "--threads", "3", *(
+                ["--data", "d"] if job is evaluate else ["--input", "i"])]).threads == 3
+        with pytest.raises(SystemExit):
+            job.build_parser().parse_args(["--ckpt", "c", "--output", "o", "--threads", "-1"])
+
+
 def test_missing_or_mismatched_init_fails_in_the_driver(tiny_unet_ckpt, reg_ckpt, tmp_path):
     def run(init):  # fails in resolve_config, before the data is read or Ray starts
         evaluate.main(["--ckpt", str(tiny_unet_ckpt), "--data", str(tmp_path / "none"),
