@@ -126,12 +126,13 @@ class Separation:
     mask_power: float = 0.0
     mask_nfft: int = 0  # FFT size of the refinement; 0 = ~93 ms at the model's rate
     # > 1: the posterior-mean estimate, the average of this many posterior samples per segment
-    # (NFE and memory x samples; the mean still sums to the mixture); 1 = one sample (the paper)
+    # (NFE and memory x samples; Dirac: the mean still sums to the mixture); 1 = one sample
     samples: int = 1
 
     def __post_init__(self):
         _require(self.gamma > 0, f"gamma must be positive, got {self.gamma}")
-        _require(self.samples >= 1, f"samples must be >= 1, got {self.samples}")
+        _require(type(self.samples) is int and self.samples >= 1,
+                 f"samples must be an integer >= 1, got {self.samples!r}")
         _require(self.mask_power >= 0, f"mask_power must be >= 0, got {self.mask_power}")
         _require(self.mask_nfft == 0 or (self.mask_nfft >= 16 and
                                          self.mask_nfft & (self.mask_nfft - 1) == 0),

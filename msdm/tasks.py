@@ -210,6 +210,9 @@ def separate(denoiser, mixture, num_stems: int, config, likelihood: str = "dirac
     memory x samples). Its error to the true posterior mean shrinks as 1 / samples; under a
     Gaussian prior the squared error to the true stems falls from 2 to (1 + 1/samples) times the
     posterior variance. Dirac samples each sum to the mixture, so their mean does too.
+    With samples > 1, `callback` sees the whole batch [samples x B, S, T] (draw d of item i at
+    row d * B + i), and per-item generators seed one child generator per draw, so draw 0 is not
+    the samples = 1 result.
     """
     _check("mixture", mixture, 3, "[B, 1, T]")
     if mixture.shape[1] != 1:

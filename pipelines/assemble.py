@@ -161,7 +161,8 @@ class Assembler:
         item, cfg = st["item"], self.cfg
         row = {"input": item["input"], "key": item["key"], "outputs": {}, "error": error,
                "status": "failed" if error else "ok", "sampler": cfg.to_dict()["sampler"],
-               "likelihood": cfg.separation.likelihood, "checkpoint": self.ckpt_name,
+               "likelihood": cfg.separation.likelihood,
+               "separation": cfg.to_dict()["separation"], "checkpoint": self.ckpt_name,
                "time": time.time(), "wall_s": time.time() - st["t0"]}
         writer = st["writer"]
         if error:

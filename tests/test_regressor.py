@@ -10,10 +10,10 @@ from msdm.checkpoint import CheckpointError, build_model, check_size, load_check
 from msdm.config import ConfigError, apply_overrides, load_config
 from msdm.regressor import Regressor, project_residual
 from msdm.sampling import nfe
-from msdm.tasks import project
+from msdm.tasks import item_generators, project
 from msdm.training import make_optimizer, train_step, validation_loss
 from pipelines import evaluate
-from pipelines.models import Separator, separation_nfe
+from pipelines.models import Separator, separation_nfe, stable_seed
 
 TINY_HDEMUCS = ["model.kind=hdemucs"]
 
@@ -153,12 +153,17 @@ def test_separator_averages_posterior_samples(tiny_unet_ckpt, reg_ckpt):
     avg = Separator(str(tiny_unet_ckpt), cfg)
     out1, out3 = one(mix.numpy(), keys), avg(mix.numpy(), keys)
     assert np.abs(out3 - out1).max() > 1e-3
+    _, den = load_checkpoint(tiny_unet_ckpt)
+    direct = msdm.separate(den, mix[:, None], 4, cfg.sampler, samples=3,
+                           generator=item_generators([stable_seed(0, *k) for k in keys]))
+    np.testing.assert_allclose(out3, direct.numpy(), atol=1e-5)
     np.testing.assert_allclose(out3.sum(1), mix.numpy(), atol=5e-5)  # float32 mean of 3
     assert separation_nfe(cfg) == 3 * separation_nfe(one.cfg) == 3 * nfe(cfg.sampler)
     refine = apply_overrides(cfg, {"separation.init": str(reg_ckpt)})
     assert separation_nfe(refine) == 3 * nfe(cfg.sampler) + 1
-    with pytest.raises(ConfigError, match="samples must be >= 1"):
-        apply_overrides(cfg, {"separation.samples": 0})
+    for bad in (0, 2.0, True):
+        with pytest.raises(ConfigError, match="samples"):
+            apply_overrides(cfg, {"separation.samples": bad})
 
 
 def test_separator_threads_and_the_flag(tiny_unet_ckpt):
@@ -179,8 +184,10 @@ def test_separator_threads_and_the_flag(tiny_unet_ckpt):
         assert job.build_parser().parse_args(
             ["--ckpt", "c", "--output", "o", "--threads", "3", *(
                 ["--data", "d"] if job is evaluate else ["--input", "i"])]).threads == 3
-        with pytest.raises(SystemExit):
-            job.build_parser().parse_args(["--ckpt", "c", "--output", "o", "--threads", "-1"])
+        for bad in ("-1", "2.5", "x"):
+            with pytest.raises(SystemExit):
+                job.build_parser().parse_args(["--ckpt", "c", "--output", "o", "--threads", bad, *(
+                    ["--data", "d"] if job is evaluate else ["--input", "i"])])
 
 
 def test_missing_or_mismatched_init_fails_in_the_driver(tiny_unet_ckpt, reg_ckpt, tmp_path):

@@ -106,17 +106,19 @@ def test_posterior_mean_of_samples_matches_closed_form_error(gaussian_denoiser):
     assert ((to_mean[4] / to_mean[1] - 0.25).abs() < 0.04).all()
 
 
-def test_posterior_mean_batch_equals_items_one_by_one(gaussian_denoiser):
+@pytest.mark.parametrize("likelihood", ["dirac", "gaussian"])
+def test_posterior_mean_batch_equals_items_one_by_one(gaussian_denoiser, likelihood):
     mixture = gaussian_samples(COV, 3, 256, seed=8).sum(1, keepdim=True)
     cfg = msdm.SamplerConfig(num_steps=6)
     seeds = [4, 5, 6]
-    batch = msdm.separate(gaussian_denoiser, mixture, 4, cfg, samples=3,
+    batch = msdm.separate(gaussian_denoiser, mixture, 4, cfg, samples=3, likelihood=likelihood,
                           generator=item_generators(seeds))
-    single = msdm.separate(gaussian_denoiser, mixture, 4, cfg, generator=item_generators(seeds))
+    single = msdm.separate(gaussian_denoiser, mixture, 4, cfg, likelihood=likelihood,
+                           generator=item_generators(seeds))
     assert not torch.allclose(batch, single, atol=1e-3)  # an average, not the first draw
     for i, s in enumerate(seeds):
         one = msdm.separate(gaussian_denoiser, mixture[i : i + 1], 4, cfg, samples=3,
-                            generator=item_generators([s]))
+                            likelihood=likelihood, generator=item_generators([s]))
         assert torch.allclose(batch[i : i + 1], one, atol=1e-6)
 
 
@@ -165,6 +167,7 @@ def test_project_is_pure_and_exact():
     (dict(num_stems=0), "num_stems"),
     (dict(samples=0), "samples"),
     (dict(samples=2.0), "samples"),
+    (dict(samples=True), "samples"),
 ])
 def test_separate_rejects_bad_input(gaussian_denoiser, bad, match):
     kwargs = dict(mixture=torch.randn(1, 1, 8), num_stems=4, likelihood="dirac", constrained=0)
