@@ -158,6 +158,7 @@ def main(argv=None) -> dict:
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "opts": {
             "val_ref": val_ref, "warm_start": args.warm_start, "threads": args.threads,
+            "verbose": args.verbose,
             "metrics_uri": storage.join(run_uri, "metrics.csv")}},
         scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=args.gpu,
                                      resources_per_worker=resources),

@@ -51,12 +51,29 @@ def _write_csv(uri: str, history: list[dict]) -> None:
     storage.write_bytes(uri, buf.getvalue().encode())
 
 
+def quiet_ray_train_reports() -> None:
+    """Every worker logs two INFO lines per checkpoint through Ray Train's own loggers
+    ("Reporting training result N: TrainingReport(...)", "Checkpoint successfully created at
+    ..."), which the driver log repeats; the job prints its own line per checkpoint, so these
+    go to WARNING unless --verbose. (Ray's internal module names: skipped if they move.)"""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context  # [ray]
+    except ImportError:
+        return
+    for name in (context.__file__, "ray.train.v2._internal.execution.storage"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray
     import ray.train  # [ray]
     from ray.train.torch import get_device, prepare_model  # [ray]
 
     cfg, opts = Config.from_dict(config["cfg"]), config["opts"]
+    if not opts.get("verbose"):
+        quiet_ray_train_reports()
     ctx = ray.train.get_context()  # [ray]
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = get_device()  # [ray]

@@ -19,7 +19,7 @@ STEMS = ("bass", "drums", "guitar", "piano")
 
 
 @pytest.mark.slow(seconds=80)
-def test_four_single_stem_priors_separate_together(synth_prepared, tmp_path):
+def test_four_single_stem_priors_separate_together(synth_prepared, tmp_path, capfd):
     data = str(synth_prepared / "prepared")
     ctrl_c = signal.getsignal(signal.SIGINT)
     out = train.main(["--data", data, "--storage", str(tmp_path / "runs"), "--name", "guitar",
@@ -44,6 +44,10 @@ def test_four_single_stem_priors_separate_together(synth_prepared, tmp_path):
                                 "--max-chunks", "24", "--split", "validation",
                                 "--set", "sampler.num_steps=4"])
     assert res["windows"] >= 1 and res["configs"][0]["sampler"]["s_churn"] == 40.0  # ISDM default
+    log = "".join(capfd.readouterr())  # the worker's lines reached this driver by now
+    assert "[train] step 3/3" in log  # the job's own line per checkpoint, once
+    assert log.count("[train] step 3/3") == 1
+    assert "Reporting training result" not in log and "successfully created" not in log
 
     mix = np.random.default_rng(0).standard_normal(22050).astype(np.float32) * 0.05
     (tmp_path / "in").mkdir()
