@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -72,6 +73,13 @@ def main(argv=None):
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    try:
+        _bench(args, work)
+    finally:  # the generated songs, Parquet chunks and checkpoints
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _bench(args, work: Path) -> None:
     from pipelines.songs import generate_dataset
 
     generate_dataset(work / "slakh", args.tracks, 12.0, seed=2)
