@@ -66,19 +66,29 @@ def plot_stem_bars(rows: list[dict], stems, png_uri: str, title: str = "SI-SDRi 
 
 
 def plot_nfe(points: list[tuple[float, float, str]], png_uri: str) -> None:
-    """SI-SDRi against number of model evaluations, one point per trial/config."""
+    """SI-SDRi against number of model evaluations, one point per trial/config. Labelled points
+    (named configs) are numbered on the plot and named in a key beside it, so labels of points
+    close together do not overwrite each other."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    named = [p for p in points if p[2]]
+    fig, ax = plt.subplots(figsize=(9.5 if named else 5.5, 3.5))
     top = max((p[1] for p in points), default=0.0)
     floor = top - 30.0  # diverged samplers (-60 dB) would flatten the interesting part
+    key = []
     for nfe, score, label in points:
         if score < floor:  # off scale: drawn on the floor as a downward triangle
             ax.scatter(nfe, floor, s=25, marker="v", color="grey")
             continue
         ax.scatter(nfe, score, s=25, color="C3" if label else "C0")  # labelled: named configs
         if label:
-            ax.annotate(label, (nfe, score), fontsize=7, xytext=(3, 3),
+            key.append(f"{len(key) + 1}  {label} ({score:.2f} dB, {nfe:g} NFE)")
+            ax.annotate(str(len(key)), (nfe, score), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
+    if key:
+        if len(named) < len(points):
+            key.append("(blue: sweep trials, unnamed)")
+        fig.subplots_adjust(left=0.08, right=0.5)
+        fig.text(0.52, 0.88, "\n".join(key), fontsize=7, va="top", family="monospace")
     ax.set_xscale("log")
     ax.set_xlabel("NFE (model evaluations per chunk)")
     ax.set_ylabel("SI-SDRi (dB)")
