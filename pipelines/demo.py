@@ -116,6 +116,7 @@ def main(argv=None) -> Path:
             "swept one")
         cluster.run("evaluate", "--ckpt", ckpt, "--data", str(out / "prepared"), "--output",
                     str(out / "eval"), "--max-chunks", str(eval_chunks), "--batch-size", "16",
+                    "--threads", str(args.num_cpus),  # reading prepared chunks is light
                     "--sampler-config", str(out / "sweeps" / "demo" / "best.yaml"))
         log("[6/7] batch-separate test mixtures (Ray Data actor pool)")
         write_mixtures(out / "prepared" / "test", out / "mixtures", 3, rate)

@@ -86,7 +86,7 @@ def plot_nfe(points: list[tuple[float, float, str]], png_uri: str) -> None:
                         textcoords="offset points")
     if key:
         if len(named) < len(points):
-            key.append("(blue: sweep trials, unnamed)")
+            key.append("(blue: the sweep's trials)")
         fig.subplots_adjust(left=0.08, right=0.5)
         fig.text(0.52, 0.88, "\n".join(key), fontsize=7, va="top", family="monospace")
     ax.set_xscale("log")
