@@ -51,7 +51,7 @@ def main(argv=None) -> dict:
     for split in ("train", "validation", "test"):
         job("evaluate", "--ckpt", str(ckpt), "--data", str(out / "prepared"), "--split", split,
             "--output", str(out / split), "--sampler-config", str(best),
-            "--skip-checkpoint-sampler", "--batch-size", "16", "--num-cpus", "2")
+            "--skip-checkpoint-sampler", "--batch-size", "16", "--num-cpus", "2", "--threads", "2")
         res = json.loads((out / split / "results.json").read_text())
         results[split], windows[split] = res["si_sdri"], res["windows"]
     total = sum(windows.values())  # window-weighted mean over the splits = mean over all windows
