@@ -75,7 +75,10 @@ def main(argv=None):
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     try:
         _bench(args, work)
-    finally:  # the generated songs, Parquet chunks and checkpoints
+    finally:  # the generated songs, Parquet chunks and checkpoints, once Ray stopped writing
+        import ray
+
+        ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -54,7 +54,8 @@ def parser(doc: str, default_config: str = "paper") -> argparse.ArgumentParser:
     g.add_argument("--smoke-test", action="store_true",
                    help="tiny preset, private 2-CPU local Ray, a few rows, CPU only")
     g.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    g.add_argument("--verbose", action="store_true", help="also show Ray Data's INFO lines")
+    g.add_argument("--verbose", action="store_true",
+                   help="also show Ray Data's and Ray Train's INFO lines")
     g.add_argument("--shared-fs", action="store_true",
                    help="local paths are on a mount every node shares (NFS); checked with a "
                         "probe file. Without it, a multi-node cluster refuses local paths")
