@@ -180,14 +180,12 @@ def test_separator_threads_and_the_flag(tiny_unet_ckpt):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
-    for job in (evaluate, separate):
-        assert job.build_parser().parse_args(
-            ["--ckpt", "c", "--output", "o", "--threads", "3", *(
-                ["--data", "d"] if job is evaluate else ["--input", "i"])]).threads == 3
+    for job, source in ((evaluate, "--data"), (separate, "--input")):
+        args = ["--ckpt", "c", "--output", "o", source, "x", "--threads"]
+        assert job.build_parser().parse_args([*args, "3"]).threads == 3
         for bad in ("-1", "2.5", "x"):
             with pytest.raises(SystemExit):
-                job.build_parser().parse_args(["--ckpt", "c", "--output", "o", "--threads", bad, *(
-                    ["--data", "d"] if job is evaluate else ["--input", "i"])])
+                job.build_parser().parse_args([*args, bad])
 
 
 def test_missing_or_mismatched_init_fails_in_the_driver(tiny_unet_ckpt, reg_ckpt, tmp_path):
