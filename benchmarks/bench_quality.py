@@ -7,7 +7,8 @@ Fixed benchmark (seeds fixed): 60 generated Slakh-format songs of 20 s (`pipelin
 1234`: 42 train, 9 validation, 9 held-out test), prepared with the `small` preset (11.025 kHz,
 1.5 s chunks). Steps, all through the real jobs on a local Ray cluster:
 1. train MSDM with the `demo` recipe (the `small` network, lr 2e-3 with warm-up and cosine decay,
-   EMA warm-up) for --steps (default 4000, ~25 min on 2 CPUs);
+   EMA warm-up, batch 4) for --steps (default 7200, ~25 min on 2 CPUs: the CPU time of the
+   4000 batch-8 steps of the runs before 2026-11-28);
 2. train the HDemucs regressor (`--set model.kind=hdemucs`, same data, waveform L1) for the same
    CPU time: its step count is --steps x (MSDM step time / HDemucs step time), both timed here;
 3. Ray Tune sweeps on the validation split: cheap Dirac samplers with and without the soft-mask
@@ -70,7 +71,9 @@ REFINED_MEAN_ROW = "HDemucs + MSDM refinement (swept, mean of 2)"
 # the MSDM recipe (`demo`: small network, lr 2e-3, warm-up + cosine, EMA warm-up) and the regressor
 MSDM_ARGS = ["--config", "demo", "--set", "train.checkpoint_every=500", "--set",
              "train.val_every=500", "--set", "train.log_every=50"]
-HDEMUCS_ARGS = [*MSDM_ARGS, "--set", "model.kind=hdemucs", "--set", "train.lr=1e-3"]
+# the regressor keeps batch 8 (its recipe since its first run; batch 4 is MSDM's lever)
+HDEMUCS_ARGS = [*MSDM_ARGS, "--set", "model.kind=hdemucs", "--set", "train.lr=1e-3", "--set",
+                "train.batch_size=8"]
 
 
 def job(name: str, *args: str) -> None:
@@ -177,7 +180,8 @@ def regressor_steps(out: Path, steps: int) -> int:
     if not path.exists():
         torch.set_num_threads(2)  # what the Train worker gets (--cpus-per-worker 2)
         path.write_text(json.dumps({"msdm": step_seconds({}),
-                                    "hdemucs": step_seconds({"model.kind": "hdemucs"})}))
+                                    "hdemucs": step_seconds({"model.kind": "hdemucs",
+                                                            "train.batch_size": 8})}))
     t = json.loads(path.read_text())
     print(f"step time: MSDM {t['msdm']:.3f} s, HDemucs {t['hdemucs']:.3f} s", flush=True)
     return max(1, round(steps * t["msdm"] / t["hdemucs"]))
@@ -202,7 +206,7 @@ def evaluate(out: Path, dest: str, ckpt: Path, data: str, files: list, *extra: s
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", default="bench_out/quality")
-    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--steps", type=int, default=7200, help="MSDM training steps (batch 4)")
     ap.add_argument("--trials", type=int, default=12)
     ap.add_argument("--refine-trials", type=int, default=10)
     ap.add_argument("--isdm", action="store_true", help="also train and score ISDM priors")
