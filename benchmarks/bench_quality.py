@@ -9,8 +9,9 @@ Fixed benchmark (seeds fixed): 60 generated Slakh-format songs of 20 s (`pipelin
 1. train MSDM with the `demo` recipe (the `small` network, lr 2e-3 with warm-up and cosine decay,
    EMA warm-up, batch 4) for --steps (default 7200, ~25 min on 2 CPUs: the CPU time of the
    4000 batch-8 steps of the runs before 2026-11-28);
-2. train the HDemucs regressor (`--set model.kind=hdemucs`, same data, waveform L1) for the same
-   CPU time: its step count is --steps x (MSDM step time / HDemucs step time), both timed here;
+2. train the HDemucs regressor (`--set model.kind=hdemucs`, same data, waveform L1, batch 8) for
+   the same CPU time: MSDM's measured training time / (HDemucs step time + the job's per-step
+   overhead), step times timed here;
 3. Ray Tune sweeps on the validation split: cheap Dirac samplers with and without the soft-mask
    refinement (tune_spaces/cost_aware.yaml), and the refinement of the regressor's estimate
    (--init, tune_spaces/refine.yaml, <= 20 NFE);
@@ -174,8 +175,12 @@ def step_seconds(overrides: dict, steps: int = 8) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def regressor_steps(out: Path, steps: int) -> int:
-    """HDemucs steps for MSDM's CPU time: steps x (MSDM step time / HDemucs step time)."""
+def regressor_steps(out: Path, steps: int, msdm_seconds: float) -> int:
+    """HDemucs steps for MSDM's CPU time: MSDM's measured training time / HDemucs's step time.
+
+    Both step times are timed here, in one process; the job adds a per-step cost of its own
+    (Ray Data batches, logging, validation), taken from MSDM's run and added to HDemucs's step.
+    """
     path = out / "step_seconds.json"
     if not path.exists():
         torch.set_num_threads(2)  # what the Train worker gets (--cpus-per-worker 2)
@@ -183,8 +188,10 @@ def regressor_steps(out: Path, steps: int) -> int:
                                     "hdemucs": step_seconds({"model.kind": "hdemucs",
                                                             "train.batch_size": 8})}))
     t = json.loads(path.read_text())
-    print(f"step time: MSDM {t['msdm']:.3f} s, HDemucs {t['hdemucs']:.3f} s", flush=True)
-    return max(1, round(steps * t["msdm"] / t["hdemucs"]))
+    overhead = max(0.0, msdm_seconds / steps - t["msdm"])
+    print(f"step time: MSDM {t['msdm']:.3f} s, HDemucs {t['hdemucs']:.3f} s, job overhead "
+          f"{overhead:.3f} s per step (MSDM trained {msdm_seconds / 60:.1f} min)", flush=True)
+    return max(1, round(msdm_seconds / (t["hdemucs"] + overhead)))
 
 
 def sampler_file(out: Path, name: str, text: str) -> str:
@@ -234,7 +241,7 @@ def main(argv=None):
     if not ckpt.exists():
         job("train", "--data", data, "--storage", str(out / "runs"), "--name", "msdm",
             *MSDM_ARGS, "--max-steps", str(args.steps), "--cpus-per-worker", "2")
-    reg_steps = regressor_steps(out, args.steps)
+    reg_steps = regressor_steps(out, args.steps, 60 * train_minutes(out / "runs" / "msdm"))
     if not reg.exists():
         job("train", "--data", data, "--storage", str(out / "runs"), "--name", "hdemucs",
             *HDEMUCS_ARGS, "--max-steps", str(reg_steps), "--cpus-per-worker", "2")
