@@ -7,8 +7,8 @@ Fixed benchmark (seeds fixed): 60 generated Slakh-format songs of 20 s (`pipelin
 1234`: 42 train, 9 validation, 9 held-out test), prepared with the `small` preset (11.025 kHz,
 1.5 s chunks). Steps, all through the real jobs on a local Ray cluster:
 1. train MSDM with the `demo` recipe (the `small` network, lr 2e-3 with warm-up and cosine decay,
-   EMA warm-up, batch 4) for --steps (default 7200, ~25 min on 2 CPUs: the CPU time of the
-   4000 batch-8 steps of the runs before 2026-11-28);
+   EMA warm-up, batch 4) for --steps (default 7200: the CPU time of the 4000 batch-8 steps of
+   the runs before 2026-11-28, 29 min on the 2-core box of 2026-11-27);
 2. train the HDemucs regressor (`--set model.kind=hdemucs`, same data, waveform L1, batch 8) for
    the same CPU time: MSDM's measured training time / (HDemucs step time + the job's per-step
    overhead), step times timed here;
@@ -70,8 +70,8 @@ POSTERIOR_MEAN = ("sampler:\n  solver: euler\n  num_steps: 40\n  resamples: 1\n 
 MEAN_ROW = "MSDM posterior mean (Euler 40, mean of 4)"
 REFINED_MEAN_ROW = "HDemucs + MSDM refinement (swept, mean of 2)"
 # the MSDM recipe (`demo`: small network, lr 2e-3, warm-up + cosine, EMA warm-up) and the regressor
-MSDM_ARGS = ["--config", "demo", "--set", "train.checkpoint_every=500", "--set",
-             "train.val_every=500", "--set", "train.log_every=50"]
+MSDM_ARGS = ["--config", "demo", "--set", "train.checkpoint_every=900", "--set",
+             "train.val_every=900", "--set", "train.log_every=50"]
 # the regressor keeps batch 8 (its recipe since its first run; batch 4 is MSDM's lever)
 HDEMUCS_ARGS = [*MSDM_ARGS, "--set", "model.kind=hdemucs", "--set", "train.lr=1e-3", "--set",
                 "train.batch_size=8"]
@@ -181,16 +181,24 @@ def regressor_steps(out: Path, steps: int, msdm_seconds: float) -> int:
     Both step times are timed here, in one process; the job adds a per-step cost of its own
     (Ray Data batches, logging, validation), taken from MSDM's run and added to HDemucs's step.
     """
-    path = out / "step_seconds.json"
-    if not path.exists():
+    from msdm.config import load_config
+
+    path, batches = out / "step_seconds.json", {"msdm_batch": load_config("demo").train.batch_size,
+                                                "hdemucs_batch": 8}
+    t = json.loads(path.read_text()) if path.exists() else {}
+    if any(t.get(k) != v for k, v in batches.items()):  # absent, or timed for other batches
         torch.set_num_threads(2)  # what the Train worker gets (--cpus-per-worker 2)
-        path.write_text(json.dumps({"msdm": step_seconds({}),
-                                    "hdemucs": step_seconds({"model.kind": "hdemucs",
-                                                            "train.batch_size": 8})}))
-    t = json.loads(path.read_text())
-    overhead = max(0.0, msdm_seconds / steps - t["msdm"])
+        t = {"msdm": step_seconds({}),
+             "hdemucs": step_seconds({"model.kind": "hdemucs", "train.batch_size": 8}), **batches}
+        path.write_text(json.dumps(t))
+    overhead = msdm_seconds / steps - t["msdm"]
+    if overhead < 0:
+        print(f"warning: MSDM trained faster ({msdm_seconds / steps:.3f} s per step) than its "
+              f"step time here ({t['msdm']:.3f} s); taking the job's overhead as 0", flush=True)
+    overhead = max(0.0, overhead)
     print(f"step time: MSDM {t['msdm']:.3f} s, HDemucs {t['hdemucs']:.3f} s, job overhead "
-          f"{overhead:.3f} s per step (MSDM trained {msdm_seconds / 60:.1f} min)", flush=True)
+          f"{overhead:.3f} s per step (MSDM trained {steps} steps in {msdm_seconds / 60:.1f} "
+          "min)", flush=True)
     return max(1, round(msdm_seconds / (t["hdemucs"] + overhead)))
 
 
@@ -241,10 +249,15 @@ def main(argv=None):
     if not ckpt.exists():
         job("train", "--data", data, "--storage", str(out / "runs"), "--name", "msdm",
             *MSDM_ARGS, "--max-steps", str(args.steps), "--cpus-per-worker", "2")
-    reg_steps = regressor_steps(out, args.steps, 60 * train_minutes(out / "runs" / "msdm"))
+    msdm_run, reg_run = out / "runs" / "msdm", out / "runs" / "hdemucs"
+    reg_steps = regressor_steps(out, train_steps(msdm_run), 60 * train_minutes(msdm_run))
     if not reg.exists():
         job("train", "--data", data, "--storage", str(out / "runs"), "--name", "hdemucs",
             *HDEMUCS_ARGS, "--max-steps", str(reg_steps), "--cpus-per-worker", "2")
+    gap = train_minutes(reg_run) / train_minutes(msdm_run) - 1
+    if abs(gap) > 0.05:
+        print(f"note: HDemucs trained {train_minutes(reg_run):.1f} min, MSDM "
+              f"{train_minutes(msdm_run):.1f} min ({100 * gap:+.0f} %)", flush=True)
     for name, space, trials, extra in (("s", "cost_aware", args.trials, []),
                                        ("refine", "refine", args.refine_trials,
                                         ["--init", str(reg)])):
@@ -285,9 +298,9 @@ def main(argv=None):
                                chunks=args.eval_chunks)]
     prev = json.loads((out / "results.json").read_text()) if args.reuse and (
         out / "results.json").exists() else {}
-    report = {"train_minutes": train_minutes(out / "runs" / "msdm"), "steps": args.steps,
-              "regressor_minutes": train_minutes(out / "runs" / "hdemucs"),
-              "regressor_steps": reg_steps, "msdm": rows,
+    report = {"train_minutes": train_minutes(msdm_run), "steps": train_steps(msdm_run),
+              "regressor_minutes": train_minutes(reg_run),
+              "regressor_steps": train_steps(reg_run), "msdm": rows,
               "oracle_irm": oracle_scores(out / "prepared" / "test", 11025)}
     report["imputation_gaussian_oracle"] = prev.get("imputation_gaussian_oracle") or \
         gaussian_imputation()
@@ -298,6 +311,11 @@ def main(argv=None):
         report["isdm"] = prev.get("isdm") or run_isdm(out, data, args.steps)
         publish(out, report)
     print((out / "QUALITY.md").read_text())
+
+
+def train_steps(run: Path) -> int:
+    """Steps the training run made, from its own metrics.csv (step of the last row)."""
+    return int((run / "metrics.csv").read_text().strip().splitlines()[-1].split(",")[0])
 
 
 def train_minutes(run: Path) -> float:

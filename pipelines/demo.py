@@ -1,4 +1,4 @@
-"""The whole msdm story on a local Ray cluster, as `make demo` runs it (about 15 min on 2 CPUs).
+"""The whole msdm story on a local Ray cluster, as `make demo` runs it (8-13 min on 2 CPUs).
 
     python -m pipelines.demo --output demo_out [--quick]
 
@@ -80,7 +80,7 @@ def main(argv=None) -> Path:
     out = Path(args.output).resolve()
     q = args.quick
     rate = load_config(PRESET).data.sample_rate
-    # full: 30 songs (22 train, 4 validation for the sweep, 4 held-out test) and ~7 min of
+    # full: 30 songs (22 train, 4 validation for the sweep, 4 held-out test) and 5-8.5 min of
     # training with 2 torch threads (the train split sits in the object store: Ray Data idles);
     # batch 4 (the preset's): 1800 steps cost what 1000 batch-8 steps did
     tracks, seconds, steps = (8, 9, 200) if q else (30, 16, 1800)
