@@ -250,8 +250,8 @@ def main(argv=None):
         job("train", "--data", data, "--storage", str(out / "runs"), "--name", "msdm",
             *MSDM_ARGS, "--max-steps", str(args.steps), "--cpus-per-worker", "2")
     msdm_run, reg_run = out / "runs" / "msdm", out / "runs" / "hdemucs"
-    reg_steps = regressor_steps(out, train_steps(msdm_run), 60 * train_minutes(msdm_run))
-    if not reg.exists():
+    if not reg.exists():  # the step timing runs only when the regressor is to be trained
+        reg_steps = regressor_steps(out, train_steps(msdm_run), 60 * train_minutes(msdm_run))
         job("train", "--data", data, "--storage", str(out / "runs"), "--name", "hdemucs",
             *HDEMUCS_ARGS, "--max-steps", str(reg_steps), "--cpus-per-worker", "2")
     gap = train_minutes(reg_run) / train_minutes(msdm_run) - 1
