@@ -72,9 +72,9 @@ REFINED_MEAN_ROW = "HDemucs + MSDM refinement (swept, mean of 2)"
 # the MSDM recipe (`demo`: small network, lr 2e-3, warm-up + cosine, EMA warm-up) and the regressor
 MSDM_ARGS = ["--config", "demo", "--set", "train.checkpoint_every=900", "--set",
              "train.val_every=900", "--set", "train.log_every=50"]
-# the regressor keeps batch 8 (its recipe since its first run; batch 4 is MSDM's lever)
+REGRESSOR_BATCH = 8  # the regressor's recipe since its first run; batch 4 is MSDM's lever
 HDEMUCS_ARGS = [*MSDM_ARGS, "--set", "model.kind=hdemucs", "--set", "train.lr=1e-3", "--set",
-                "train.batch_size=8"]
+                f"train.batch_size={REGRESSOR_BATCH}"]
 
 
 def job(name: str, *args: str) -> None:
@@ -184,12 +184,13 @@ def regressor_steps(out: Path, steps: int, msdm_seconds: float) -> int:
     from msdm.config import load_config
 
     path, batches = out / "step_seconds.json", {"msdm_batch": load_config("demo").train.batch_size,
-                                                "hdemucs_batch": 8}
+                                                "hdemucs_batch": REGRESSOR_BATCH}
     t = json.loads(path.read_text()) if path.exists() else {}
     if any(t.get(k) != v for k, v in batches.items()):  # absent, or timed for other batches
         torch.set_num_threads(2)  # what the Train worker gets (--cpus-per-worker 2)
         t = {"msdm": step_seconds({}),
-             "hdemucs": step_seconds({"model.kind": "hdemucs", "train.batch_size": 8}), **batches}
+             "hdemucs": step_seconds({"model.kind": "hdemucs",
+                                      "train.batch_size": REGRESSOR_BATCH}), **batches}
         path.write_text(json.dumps(t))
     overhead = msdm_seconds / steps - t["msdm"]
     if overhead < 0:
@@ -254,10 +255,10 @@ def main(argv=None):
         reg_steps = regressor_steps(out, train_steps(msdm_run), 60 * train_minutes(msdm_run))
         job("train", "--data", data, "--storage", str(out / "runs"), "--name", "hdemucs",
             *HDEMUCS_ARGS, "--max-steps", str(reg_steps), "--cpus-per-worker", "2")
-    gap = train_minutes(reg_run) / train_minutes(msdm_run) - 1
-    if abs(gap) > 0.05:
-        print(f"note: HDemucs trained {train_minutes(reg_run):.1f} min, MSDM "
-              f"{train_minutes(msdm_run):.1f} min ({100 * gap:+.0f} %)", flush=True)
+    msdm_min, reg_min = train_minutes(msdm_run), train_minutes(reg_run)
+    if abs(reg_min / msdm_min - 1) > 0.05:
+        print(f"note: HDemucs trained {reg_min:.1f} min, MSDM {msdm_min:.1f} min "
+              f"({100 * (reg_min / msdm_min - 1):+.0f} %)", flush=True)
     for name, space, trials, extra in (("s", "cost_aware", args.trials, []),
                                        ("refine", "refine", args.refine_trials,
                                         ["--init", str(reg)])):
@@ -298,8 +299,8 @@ def main(argv=None):
                                chunks=args.eval_chunks)]
     prev = json.loads((out / "results.json").read_text()) if args.reuse and (
         out / "results.json").exists() else {}
-    report = {"train_minutes": train_minutes(msdm_run), "steps": train_steps(msdm_run),
-              "regressor_minutes": train_minutes(reg_run),
+    report = {"train_minutes": msdm_min, "steps": train_steps(msdm_run),
+              "regressor_minutes": reg_min,
               "regressor_steps": train_steps(reg_run), "msdm": rows,
               "oracle_irm": oracle_scores(out / "prepared" / "test", 11025)}
     report["imputation_gaussian_oracle"] = prev.get("imputation_gaussian_oracle") or \

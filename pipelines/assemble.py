@@ -159,10 +159,11 @@ class Assembler:
         st = self.open.pop(key)
         self.closed.add(key)
         item, cfg = st["item"], self.cfg
+        settings = cfg.to_dict()
         row = {"input": item["input"], "key": item["key"], "outputs": {}, "error": error,
-               "status": "failed" if error else "ok", "sampler": cfg.to_dict()["sampler"],
+               "status": "failed" if error else "ok", "sampler": settings["sampler"],
                "likelihood": cfg.separation.likelihood,
-               "separation": cfg.to_dict()["separation"], "checkpoint": self.ckpt_name,
+               "separation": settings["separation"], "checkpoint": self.ckpt_name,
                "time": time.time(), "wall_s": time.time() - st["t0"]}
         writer = st["writer"]
         if error:
