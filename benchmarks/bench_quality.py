@@ -1,7 +1,7 @@
 """Quality benchmark: does the whole pipeline learn to separate, and which samplers are cheap?
 
     make bench-quality   # = python benchmarks/bench_quality.py  (~1 h 50 min on 2 CPUs)
-    make bench-quality ARGS=--isdm   # + four ISDM priors (~30 min more)
+    make bench-quality ARGS=--isdm   # + four ISDM priors (~38 min more)
 
 Fixed benchmark (seeds fixed): 60 generated Slakh-format songs of 20 s (`pipelines.synth --seed
 1234`: 42 train, 9 validation, 9 held-out test), prepared with the `small` preset (11.025 kHz,
@@ -310,6 +310,7 @@ def main(argv=None):
     publish(out, report)  # the MSDM part stands on its own before the optional ISDM runs
     if args.isdm:
         report["isdm"] = prev.get("isdm") or run_isdm(out, data, args.steps)
+        report["isdm_minutes"] = sum(train_minutes(out / "runs" / f"isdm-{s}") for s in STEMS)
         publish(out, report)
     print((out / "QUALITY.md").read_text())
 
@@ -375,7 +376,21 @@ def table3(r: dict, rows: list) -> list:
             *row("HDemucs + MSDM refinement (--init, swept)", "HDemucs + MSDM refinement (swept)",
                  None if reg is None else msdm + reg),
             *row("HDemucs + MSDM refinement, mean of 2 draws", REFINED_MEAN_ROW,
-                 None if reg is None else msdm + reg)]
+                 None if reg is None else msdm + reg),
+            *isdm_row(r)]
+
+
+def isdm_row(r: dict) -> list:
+    """ISDM's Table 3 row (--isdm): scored on the first 3 test songs only, so MSDM's score on
+    the same songs goes with it; training time = the four priors' together."""
+    by = {c["name"].split(",")[0]: c for c in r.get("isdm", [])}
+    if not {"MSDM", "ISDM"} <= by.keys():
+        return []
+    i, t = by["ISDM"], r.get("isdm_minutes")
+    return [f"| ISDM, swept sampler (first 3 test songs; MSDM there: "
+            f"{by['MSDM']['si_sdri']['all']:.2f}) | {i['si_sdri']['all']:.2f} | "
+            f"{'-' if t is None else f'{t:.0f}'} (4 priors) | 4 x {i['nfe']} | "
+            f"{i['seconds']:.0f} |"]
 
 
 def write_markdown(out: Path, r: dict) -> None:
