@@ -1,6 +1,6 @@
 """Quality benchmark: does the whole pipeline learn to separate, and which samplers are cheap?
 
-    make bench-quality   # = python benchmarks/bench_quality.py  (~1 h 50 min on 2 CPUs)
+    make bench-quality   # = python benchmarks/bench_quality.py  (~1 h 20 min, 2 CPUs, 2026-11-28)
     make bench-quality ARGS=--isdm   # + four ISDM priors (~38 min more)
 
 Fixed benchmark (seeds fixed): 60 generated Slakh-format songs of 20 s (`pipelines.synth --seed
@@ -289,7 +289,8 @@ def main(argv=None):
              for r in evaluate(out, "eval-refined", ckpt, data,
                                [str(out / "samplers" / "refined.yaml")], "--init", str(reg),
                                "--skip-checkpoint-sampler", chunks=args.eval_chunks)]
-    # the same refinement, mean of 2 draws: 19 NFE (validation songs: 14.31 -> 14.40 dB)
+    # the same refinement, mean of 2 draws: 19 NFE
+    # (validation songs, 2026-11-28 models: 15.27 -> 15.41 dB)
     refined = yaml.safe_load((out / "samplers" / "refined.yaml").read_text())
     refined.setdefault("separation", {})["samples"] = 2
     rows += [{**r, "name": REFINED_MEAN_ROW}
@@ -310,7 +311,9 @@ def main(argv=None):
     publish(out, report)  # the MSDM part stands on its own before the optional ISDM runs
     if args.isdm:
         report["isdm"] = prev.get("isdm") or run_isdm(out, data, args.steps)
-        report["isdm_minutes"] = sum(train_minutes(out / "runs" / f"isdm-{s}") for s in STEMS)
+        runs = [out / "runs" / f"isdm-{s}" for s in STEMS]  # None: a reuse without the runs
+        report["isdm_minutes"] = (sum(train_minutes(r) for r in runs) if all(
+            (r / "metrics.csv").exists() for r in runs) else prev.get("isdm_minutes"))
         publish(out, report)
     print((out / "QUALITY.md").read_text())
 
