@@ -44,7 +44,7 @@ import torch
 import yaml
 
 from msdm.checkpoint import load_checkpoint
-from msdm.config import SamplerConfig
+from msdm.config import SamplerConfig, load_config
 from msdm.diffusion import GaussianDenoiser, gaussian_conditional
 from msdm.metrics import oracle_irm, summarize, windowed_si_sdri
 from msdm.tasks import generate, impute, item_generators
@@ -160,7 +160,6 @@ def imputation_coherence(ckpt: Path, split_dir: Path, chunks: int, steps: int) -
 def step_seconds(overrides: dict, steps: int = 8) -> float:
     """Seconds per training step (batch of the preset, random audio) in this process."""
     from msdm.checkpoint import build_model
-    from msdm.config import load_config
     from msdm.training import make_optimizer, train_step
 
     cfg = load_config("demo", overrides)
@@ -181,8 +180,6 @@ def regressor_steps(out: Path, steps: int, msdm_seconds: float) -> int:
     Both step times are timed here, in one process; the job adds a per-step cost of its own
     (Ray Data batches, logging, validation), taken from MSDM's run and added to HDemucs's step.
     """
-    from msdm.config import load_config
-
     path, batches = out / "step_seconds.json", {"msdm_batch": load_config("demo").train.batch_size,
                                                 "hdemucs_batch": REGRESSOR_BATCH}
     t = json.loads(path.read_text()) if path.exists() else {}
@@ -318,15 +315,19 @@ def main(argv=None):
     print((out / "QUALITY.md").read_text())
 
 
+def last_metrics(run: Path) -> list[str]:
+    """The last row of a training run's metrics.csv (step first, elapsed_s last)."""
+    return (run / "metrics.csv").read_text().strip().splitlines()[-1].split(",")
+
+
 def train_steps(run: Path) -> int:
-    """Steps the training run made, from its own metrics.csv (step of the last row)."""
-    return int((run / "metrics.csv").read_text().strip().splitlines()[-1].split(",")[0])
+    """Steps the training run made, from its own metrics.csv."""
+    return int(last_metrics(run)[0])
 
 
 def train_minutes(run: Path) -> float:
-    """Wall time of the training run, from its own metrics.csv (elapsed_s of the last row)."""
-    last = (run / "metrics.csv").read_text().strip().splitlines()[-1]
-    return float(last.split(",")[-1]) / 60
+    """Wall time of the training run, from its own metrics.csv."""
+    return float(last_metrics(run)[-1]) / 60
 
 
 def publish(out: Path, report: dict) -> None:

@@ -117,6 +117,8 @@ class Assembler:
         self.fmt, self.subtype, self.ckpt_name, self.names = fmt, subtype, ckpt_name, names
         self.open: dict[str, dict] = {}
         self.closed: set[str] = set()
+        settings = cfg.to_dict()  # the job's config is fixed: every manifest row carries it
+        self.sampler, self.separation = settings["sampler"], settings["separation"]
 
     def add(self, row: dict) -> dict | None:
         key = str(row["key"])
@@ -159,11 +161,10 @@ class Assembler:
         st = self.open.pop(key)
         self.closed.add(key)
         item, cfg = st["item"], self.cfg
-        settings = cfg.to_dict()
         row = {"input": item["input"], "key": item["key"], "outputs": {}, "error": error,
-               "status": "failed" if error else "ok", "sampler": settings["sampler"],
+               "status": "failed" if error else "ok", "sampler": self.sampler,
                "likelihood": cfg.separation.likelihood,
-               "separation": settings["separation"], "checkpoint": self.ckpt_name,
+               "separation": self.separation, "checkpoint": self.ckpt_name,
                "time": time.time(), "wall_s": time.time() - st["t0"]}
         writer = st["writer"]
         if error:

@@ -93,7 +93,7 @@ def evaluate_one(ray, args, ckpt, cfg, name: str) -> dict:
     return {"name": name, "si_sdri": summarize(windows, cfg.data.stems),
             "windows": int(windows.shape[0]), "tracks": len({r[COL_TRACK] for r in rows}),
             "nfe": separation_nfe(cfg), "seconds": time.time() - t0,
-            "sampler": cfg.to_dict()["sampler"], "separation": cfg.to_dict()["separation"]}
+            **{k: v for k, v in cfg.to_dict().items() if k in ("sampler", "separation")}}
 
 
 def main(argv=None) -> dict:
