@@ -221,7 +221,7 @@ def main(argv=None):
     ap.add_argument("--out", default="bench_out/quality")
     ap.add_argument("--steps", type=int, default=7200, help="MSDM training steps (batch 4)")
     ap.add_argument("--trials", type=int, default=12)
-    ap.add_argument("--refine-trials", type=int, default=10)
+    ap.add_argument("--refine-trials", type=int, default=16)
     ap.add_argument("--isdm", action="store_true", help="also train and score ISDM priors")
     ap.add_argument("--candidates", action="store_true",
                     help="also score fixed cheap samplers (4 more evaluations, ~10 min)")

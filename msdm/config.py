@@ -121,6 +121,9 @@ class Separation:
     margin: float = 0.0625  # long tracks: context margin per segment side, fraction of a chunk
     overlap: float = 0.125  # long tracks: cross-fade length between segment cores, fraction
     init: str = ""  # regressor (hdemucs) checkpoint URI; its estimate starts the sampler (--init)
+    # noise added to the --init estimate, in units of sampler.sigma_max: 1 = SDEdit (the estimate
+    # re-noised to sigma_max); 0 = the estimate's own error stands in for the noise at sigma_max
+    init_noise: float = 1.0
     # > 0: refine the sampled stems with soft masks |S_n|^p / sum_m |S_m|^p applied to the
     # mixture's STFT (Wiener-style; the stems still sum to the mixture); 0 = the paper (off)
     mask_power: float = 0.0
@@ -131,6 +134,7 @@ class Separation:
 
     def __post_init__(self):
         _require(self.gamma > 0, f"gamma must be positive, got {self.gamma}")
+        _require(0 <= self.init_noise <= 1, f"init_noise must be in [0, 1], got {self.init_noise}")
         _require(type(self.samples) is int and self.samples >= 1,
                  f"samples must be an integer >= 1, got {self.samples!r}")
         _require(self.mask_power >= 0, f"mask_power must be >= 0, got {self.mask_power}")

@@ -139,7 +139,8 @@ class Separator:
                            cfg.sampler, likelihood=cfg.separation.likelihood,
                            constrained=cfg.separation.constrained, gamma=cfg.separation.gamma,
                            generator=item_generators(seeds, self.device), init=init,
-                           samples=cfg.separation.samples)
+                           samples=cfg.separation.samples,
+                           init_noise=cfg.separation.init_noise)
             if cfg.separation.mask_power > 0:  # default: ~93 ms frames at the model's rate
                 n_fft = cfg.separation.mask_nfft or 1 << round(
                     math.log2(4096 * cfg.data.sample_rate / 44100))

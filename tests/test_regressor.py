@@ -120,6 +120,34 @@ def test_tiny_sigma_max_returns_the_init_projected_onto_the_mixture(tiny_unet_ck
     torch.testing.assert_close(out, project(init, mix[:, None], 1), atol=1e-4, rtol=0)
 
 
+def test_init_noise_zero_starts_from_the_estimate_itself(gaussian_denoiser, cov):
+    """init_noise 0: no noise is added, so one Euler step from sigma_max to 0 under the exact
+    Gaussian denoiser gives, in closed form, D_n(z) + (z_k - D_k(z)) for every free stem n (z =
+    the estimate, already summing to the mixture) and mixture - the others for stem k; the
+    generator plays no part. init_noise 1 re-noises the estimate to sigma_max (SDEdit)."""
+    g = torch.Generator().manual_seed(3)
+    stems = torch.linalg.cholesky(cov).float() @ torch.randn(2, 4, 512, generator=g)
+    mix = stems.sum(1, keepdim=True)
+    z = project(stems + 0.1 * torch.randn(stems.shape, generator=g), mix, 1)
+    one = msdm.SamplerConfig(num_steps=1, sigma_max=0.2, s_churn=0.0, resamples=1)
+    a = cov @ torch.linalg.inv(cov + 0.2**2 * torch.eye(4, dtype=torch.float64))
+    d = (a.float() @ z)
+    free = d + (z[:, 1:2] - d[:, 1:2])
+    want = torch.cat([free[:, :1], mix - free[:, [0, 2, 3]].sum(1, keepdim=True), free[:, 2:]], 1)
+    outs = [msdm.separate(gaussian_denoiser, mix, 4, one, constrained=1, init=z, init_noise=0.0,
+                          generator=torch.Generator().manual_seed(s)) for s in (0, 1)]
+    torch.testing.assert_close(outs[0], want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(outs[1], outs[0], atol=0, rtol=0)
+    noisy = msdm.separate(gaussian_denoiser, mix, 4, one, constrained=1, init=z, init_noise=1.0,
+                          generator=torch.Generator().manual_seed(0))
+    assert (noisy - want).abs().max() > 1e-2
+    torch.testing.assert_close(noisy.sum(1, keepdim=True), mix, atol=1e-5, rtol=0)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="init_noise"):
+            msdm.separate(gaussian_denoiser, mix, 4, one, init=z, init_noise=bad)
+        with pytest.raises(ConfigError, match="init_noise"):
+            apply_overrides(load_config("tiny"), {"separation.init_noise": bad})
+
 def test_init_refinement_in_the_separator(tiny_unet_ckpt, reg_ckpt):
     """--init: sigma_max -> 0 gives the regressor row exactly; a real sigma_max refines it, and
     the refined stems still sum to the mixture."""
