@@ -221,7 +221,7 @@ def main(argv=None):
     ap.add_argument("--out", default="bench_out/quality")
     ap.add_argument("--steps", type=int, default=7200, help="MSDM training steps (batch 4)")
     ap.add_argument("--trials", type=int, default=12)
-    ap.add_argument("--refine-trials", type=int, default=16)
+    ap.add_argument("--refine-trials", type=int, default=24)
     ap.add_argument("--isdm", action="store_true", help="also train and score ISDM priors")
     ap.add_argument("--candidates", action="store_true",
                     help="also score fixed cheap samplers (4 more evaluations, ~10 min)")
@@ -281,18 +281,19 @@ def main(argv=None):
         "--skip-checkpoint-sampler", chunks=args.eval_chunks)]
     rows += [{**r, "name": "HDemucs regressor (one pass)"}
              for r in evaluate(out, "eval-hdemucs", reg, data, [], chunks=args.eval_chunks)]
-    shutil.copy(out / "sweep" / "refine" / "best.yaml", out / "samplers" / "refined.yaml")
+    # the refinement sweep picks the mean of 2 draws (tune_spaces/refine.yaml: <= 20 NFE); the
+    # one-draw row is the same sampler with separation.samples 1
+    refined = yaml.safe_load((out / "sweep" / "refine" / "best.yaml").read_text())
+    sampler_file(out, "refined-mean", yaml.safe_dump(refined))
+    refined.setdefault("separation", {})["samples"] = 1
+    sampler_file(out, "refined", yaml.safe_dump(refined))
     rows += [{**r, "name": "HDemucs + MSDM refinement (swept)"}
              for r in evaluate(out, "eval-refined", ckpt, data,
                                [str(out / "samplers" / "refined.yaml")], "--init", str(reg),
                                "--skip-checkpoint-sampler", chunks=args.eval_chunks)]
-    # the same refinement, mean of 2 draws: 19 NFE
-    # (validation songs, 2026-11-28 models: 15.27 -> 15.41 dB)
-    refined = yaml.safe_load((out / "samplers" / "refined.yaml").read_text())
-    refined.setdefault("separation", {})["samples"] = 2
     rows += [{**r, "name": REFINED_MEAN_ROW}
              for r in evaluate(out, "eval-refined-mean", ckpt, data,
-                               [sampler_file(out, "refined-mean", yaml.safe_dump(refined))],
+                               [str(out / "samplers" / "refined-mean.yaml")],
                                "--init", str(reg), "--skip-checkpoint-sampler",
                                chunks=args.eval_chunks)]
     prev = json.loads((out / "results.json").read_text()) if args.reuse and (
