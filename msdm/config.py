@@ -115,7 +115,9 @@ class Train:
 
 @dataclass(frozen=True)
 class Separation:
-    likelihood: Literal["dirac", "gaussian"] = "dirac"
+    # dirac: the paper's (stem `constrained` = mixture - the others); dirac_sym: the same
+    # constraint with the residual shared equally (orthogonal projection, no constrained stem)
+    likelihood: Literal["dirac", "dirac_sym", "gaussian"] = "dirac"
     constrained: int = 0  # Dirac: index of the stem set to mixture - others (paper: 0 = bass)
     gamma: float = 0.75  # Gaussian: likelihood width gamma = gamma * sigma
     margin: float = 0.0625  # long tracks: context margin per segment side, fraction of a chunk

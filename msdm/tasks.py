@@ -170,6 +170,24 @@ def dirac_likelihood(denoiser, mixture, k: int):
     return derivative, lambda x: project(x, mixture, k)
 
 
+def dirac_sym_likelihood(denoiser, mixture):
+    """The Dirac constraint with no constrained stem: the state is projected orthogonally onto
+    the stems that sum to the mixture (the residual shared equally), and the derivative is
+    e minus its mean over stems, e = (z - D(z; sigma)) / sigma: the probability-flow drift of
+    noise that is isotropic within that subspace. The paper's e_n - e_k is the same constraint
+    in coordinates where stem k carries the other stems' noise (3x their variance for 4 stems)."""
+
+    def finalize(x):
+        return x + (mixture - x.sum(dim=1, keepdim=True)) / x.shape[1]
+
+    def derivative(x, sigma):
+        z = finalize(x)
+        e = to_d(z, sigma, denoiser(z, sigma))
+        return e - e.mean(dim=1, keepdim=True)
+
+    return derivative, finalize
+
+
 def gaussian_likelihood(denoiser, mixture, gamma: float):
     """d = (x - D(x))/sigma - sigma/(2 g^2) (y - sum x) for every stem, g = gamma * sigma."""
 
@@ -224,14 +242,17 @@ def separate(denoiser, mixture, num_stems: int, config, likelihood: str = "dirac
         raise ValueError(f"num_stems must be a positive integer, got {num_stems!r}")
     cfg = _sampler(config)
     b, _, t = mixture.shape
-    if likelihood == "dirac":
+    if likelihood == "dirac":  # (dirac_sym has no constrained stem)
         if not -num_stems <= constrained < num_stems:
             raise ValueError(f"constrained must index one of {num_stems} stems, got {constrained}")
+    elif likelihood == "dirac_sym":
+        pass
     elif likelihood == "gaussian":
         if gamma <= 0:
             raise ValueError(f"gamma must be positive, got {gamma}")
     else:
-        raise ValueError(f"unknown likelihood {likelihood!r}; expected 'dirac' or 'gaussian'")
+        raise ValueError(f"unknown likelihood {likelihood!r}; expected 'dirac', 'dirac_sym' "
+                         "or 'gaussian'")
     if init is not None:
         _check("init", init, 3, f"[{b}, {num_stems}, {t}]")
         if init.shape != (b, num_stems, t):
@@ -247,6 +268,8 @@ def separate(denoiser, mixture, num_stems: int, config, likelihood: str = "dirac
         init = init.repeat(samples, 1, 1) if init is not None else None
     if likelihood == "dirac":
         derivative, finalize = dirac_likelihood(denoiser, mixture, constrained % num_stems)
+    elif likelihood == "dirac_sym":
+        derivative, finalize = dirac_sym_likelihood(denoiser, mixture)
     else:
         derivative, finalize = gaussian_likelihood(denoiser, mixture, gamma)
     randn_like = make_randn_like(generator)
