@@ -284,6 +284,8 @@ def main(argv=None):
     # the refinement sweep picks the mean of 2 draws (tune_spaces/refine.yaml: <= 20 NFE); the
     # one-draw row is the same sampler with separation.samples 1
     refined = yaml.safe_load((out / "sweep" / "refine" / "best.yaml").read_text())
+    # a --reuse of a sweep from before 2026-11-28 swept one draw: its mean row is still 2 draws
+    refined.setdefault("separation", {}).setdefault("samples", 2)
     sampler_file(out, "refined-mean", yaml.safe_dump(refined))
     refined.setdefault("separation", {})["samples"] = 1
     sampler_file(out, "refined", yaml.safe_dump(refined))
