@@ -208,11 +208,19 @@ def sampler_file(out: Path, name: str, text: str) -> str:
 
 def evaluate(out: Path, dest: str, ckpt: Path, data: str, files: list, *extra: str,
              chunks: int = 0) -> list:
-    """Rows of one evaluate job on the test split (kept when --reuse finds them)."""
+    """Rows of one evaluate job on the test split (kept when --reuse finds them, unless its
+    checkpoint, arguments or sampler files changed since: e.g. a re-run refinement sweep)."""
+    args = ["--ckpt", str(ckpt), "--data", data, "--output", str(out / dest), "--batch-size",
+            "16", "--max-chunks", str(chunks), "--threads", "2", *extra,
+            *[a for f in files for a in ("--sampler-config", f)]]
+    inputs = json.dumps({"args": args, "samplers": [Path(f).read_text() for f in files]})
+    stamp = out / dest / "inputs.json"
+    if stamp.exists() and stamp.read_text() != inputs:
+        print(f"{dest}: its inputs changed since it ran; scoring again", flush=True)
+        shutil.rmtree(out / dest)
     if not (out / dest / "results.json").exists():
-        job("evaluate", "--ckpt", str(ckpt), "--data", data, "--output", str(out / dest),
-            "--batch-size", "16", "--max-chunks", str(chunks), "--threads", "2", *extra,
-            *[a for f in files for a in ("--sampler-config", f)])
+        job("evaluate", *args)
+        stamp.write_text(inputs)
     return json.loads((out / dest / "results.json").read_text())["configs"]
 
 

@@ -164,6 +164,14 @@ def test_init_refinement_in_the_separator(tiny_unet_ckpt, reg_ckpt):
     out = sep(mix.numpy(), keys)
     assert np.abs(out - regressed).max() > 1e-2  # the sampler moved it
     np.testing.assert_allclose(out.sum(1), mix.numpy(), atol=1e-5)
+    # separation.init_noise reaches the sampler: with no noise and no churn the refinement no
+    # longer depends on the item seeds
+    still = apply_overrides(refine, {"separation.init_noise": 0.0, "sampler.s_churn": 0.0})
+    a = Separator(str(tiny_unet_ckpt), still)(mix.numpy(), keys)
+    b = Separator(str(tiny_unet_ckpt), still, seed=7)(mix.numpy(), keys)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    noisy = apply_overrides(still, {"separation.init_noise": 1.0})
+    assert np.abs(Separator(str(tiny_unet_ckpt), noisy)(mix.numpy(), keys) - a).max() > 1e-3
     plain = Separator(str(tiny_unet_ckpt), apply_overrides(refine, {"separation.init": ""}))
     assert sep.init is not None and plain.init is None
     assert separation_nfe(refine) == separation_nfe(plain.cfg) + 1
