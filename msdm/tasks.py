@@ -244,17 +244,13 @@ def separate(denoiser, mixture, num_stems: int, config, likelihood: str = "dirac
         raise ValueError(f"num_stems must be a positive integer, got {num_stems!r}")
     cfg = _sampler(config)
     b, _, t = mixture.shape
-    if likelihood == "dirac":  # (dirac_sym has no constrained stem)
-        if not -num_stems <= constrained < num_stems:
-            raise ValueError(f"constrained must index one of {num_stems} stems, got {constrained}")
-    elif likelihood == "dirac_sym":
-        pass
-    elif likelihood == "gaussian":
-        if gamma <= 0:
-            raise ValueError(f"gamma must be positive, got {gamma}")
-    else:
+    if likelihood not in ("dirac", "dirac_sym", "gaussian"):
         raise ValueError(f"unknown likelihood {likelihood!r}; expected 'dirac', 'dirac_sym' "
                          "or 'gaussian'")
+    if likelihood == "dirac" and not -num_stems <= constrained < num_stems:
+        raise ValueError(f"constrained must index one of {num_stems} stems, got {constrained}")
+    if likelihood == "gaussian" and gamma <= 0:
+        raise ValueError(f"gamma must be positive, got {gamma}")
     if init is not None:
         _check("init", init, 3, f"[{b}, {num_stems}, {t}]")
         if init.shape != (b, num_stems, t):
