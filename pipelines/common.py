@@ -9,10 +9,13 @@ import logging
 import os
 import re
 import resource
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
 
+from msdm.audio import AudioError
+from msdm.checkpoint import CheckpointError
 from msdm.config import (
     PRESETS,
     Config,
@@ -24,6 +27,7 @@ from msdm.config import (
     merge,
     read_partial,
 )
+from msdm.data import TrackError
 
 from . import storage
 from .models import check_init
@@ -34,6 +38,23 @@ FIXED_BY_CHECKPOINT = ("model.", "diffusion.", "data.stems", "train.stem")
 
 def log(msg: str) -> None:
     print(f"[{time.time() - _T0:7.1f}s] {msg}", flush=True)
+
+
+# errors in what the user gave (config, checkpoint, audio, track, storage): the message says it
+USER_ERRORS = (ConfigError, CheckpointError, AudioError, TrackError, storage.StorageError)
+
+
+def cli(main) -> None:
+    """Run a job's main() from the command line: a user error ends with `job: error: message` and
+    exit status 2, not a traceback (--verbose keeps the traceback)."""
+    try:
+        main()
+    except USER_ERRORS as e:
+        if "--verbose" in sys.argv:
+            raise
+        job = os.path.basename(sys.argv[0]).removesuffix(".py")
+        print(f"{job}: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def parser(doc: str, default_config: str = "paper") -> argparse.ArgumentParser:

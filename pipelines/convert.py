@@ -19,7 +19,7 @@ from msdm.checkpoint import CheckpointError, build_denoiser, check_size, load_st
 from msdm.config import load_config
 
 from . import storage
-from .common import fetch_local, log
+from .common import cli, fetch_local, log
 
 
 def build_parser():
@@ -58,4 +58,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from msdm.config import load_config
 
-from .common import log
+from .common import cli, log
 from .demo_report import build_report, write_mixtures
 
 PRESET = "demo"  # the demo's model and data settings (msdm/presets/demo.yaml)
@@ -133,4 +133,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -29,6 +29,7 @@ from .common import (
     add_threads,
     check_actor_cpus,
     ckpt_uris,
+    cli,
     data_context,
     dry_run,
     init_ray,
@@ -139,4 +140,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 
 from . import storage
-from .common import ckpt_uris, dry_run, init_ray, log, parse_ckpt, parser, resolve_config
+from .common import ckpt_uris, cli, dry_run, init_ray, log, parse_ckpt, parser, resolve_config
 from .generation import GenerateBatch, write_sample
 from .models import load_model, stable_seed
 
@@ -74,4 +74,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

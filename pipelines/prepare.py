@@ -20,7 +20,7 @@ import uuid
 from msdm.data import SPLITS
 
 from . import storage, tracks
-from .common import dry_run, init_ray, log, parser, resolve_config, write_json
+from .common import cli, dry_run, init_ray, log, parser, resolve_config, write_json
 
 
 def build_parser():
@@ -104,4 +104,4 @@ def _print_summary(report: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -37,6 +37,7 @@ from .common import (
     add_threads,
     check_actor_cpus,
     ckpt_uris,
+    cli,
     data_context,
     dry_run,
     init_ray,
@@ -254,4 +255,4 @@ def _check_names(items, names, args) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -13,7 +13,7 @@ import argparse
 import os
 from concurrent.futures import ProcessPoolExecutor
 
-from .common import log
+from .common import cli, log
 from .songs import make_song, song_seed, track_folder, write_track
 
 
@@ -46,4 +46,4 @@ def main(argv=None) -> list[str]:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -25,7 +25,7 @@ from msdm.checkpoint import CheckpointError, check_size, load_state, save
 from msdm.config import ConfigError, apply_overrides
 
 from . import storage
-from .common import autoscaling, dry_run, init_ray, log, parser, resolve_config, write_json
+from .common import autoscaling, cli, dry_run, init_ray, log, parser, resolve_config, write_json
 from .report import plot_loss
 from .stages import read_chunks, train_dataset
 from .trainloop import train_loop_per_worker
@@ -229,4 +229,4 @@ def _default_cpus(ray, num_workers: int) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

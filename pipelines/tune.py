@@ -25,6 +25,7 @@ from . import storage
 from .common import (
     add_init,
     ckpt_uris,
+    cli,
     dry_run,
     init_ray,
     log,
@@ -214,4 +215,4 @@ def _fmt(v) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -61,3 +61,28 @@ def test_every_pipeline_exposes_main_argv(name):
     assert callable(mod.main)
     assert "argv" in mod.main.__code__.co_varnames[: mod.main.__code__.co_argcount]
     assert mod.__doc__ and "python -m pipelines." in mod.__doc__
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_every_pipeline_runs_main_through_cli(name):
+    """Each entrypoint's __main__ is `cli(main)`, so a user error is one line, not a traceback."""
+    tail = (ROOT / "pipelines" / f"{name}.py").read_text().rstrip().splitlines()[-2:]
+    assert tail == ['if __name__ == "__main__":', "    cli(main)"]
+
+
+@pytest.mark.slow(seconds=12)
+def test_user_errors_are_one_line_with_exit_status_2(tmp_path):
+    missing = tmp_path / "none.ckpt"
+    cases = [("train", ["--data", str(tmp_path), "--storage", str(tmp_path), "--name", "r",
+                        "--set", "train.p_mean=-4"], "train: error: unknown key(s) train.p_mean"),
+             ("evaluate", ["--ckpt", str(missing), "--data", str(tmp_path),
+                           "--output", str(tmp_path / "e")], f"evaluate: error: {missing}")]
+    for name, args, first in cases:
+        out = subprocess.run([sys.executable, "-m", f"pipelines.{name}", *args],
+                             capture_output=True, text=True, cwd=ROOT)
+        assert out.returncode == 2, out.stderr
+        assert out.stderr.startswith(first), out.stderr
+        assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    verbose = subprocess.run([sys.executable, "-m", "pipelines.train", *cases[0][1], "--verbose"],
+                             capture_output=True, text=True, cwd=ROOT)
+    assert verbose.returncode == 1 and "Traceback" in verbose.stderr
