@@ -46,11 +46,13 @@ USER_ERRORS = (ConfigError, CheckpointError, AudioError, TrackError, storage.Sto
 
 def cli(main) -> None:
     """Run a job's main() from the command line: a user error ends with `job: error: message` and
-    exit status 2, not a traceback (--verbose keeps the traceback)."""
+    exit status 2, not a traceback (--verbose, or MSDM_TRACEBACK=1 for the jobs without that
+    option, keeps the traceback)."""
     try:
         main()
     except USER_ERRORS as e:
-        if "--verbose" in sys.argv:
+        verbose = any(len(a) > 4 and "--verbose".startswith(a) for a in sys.argv[1:])
+        if verbose or os.environ.get("MSDM_TRACEBACK", "") not in ("", "0"):
             raise
         job = os.path.basename(sys.argv[0]).removesuffix(".py")
         print(f"{job}: error: {e}", file=sys.stderr, flush=True)
@@ -156,18 +158,18 @@ def parse_ckpt(values) -> str | dict[str, str]:
     """--ckpt URI (joint model) or --ckpt bass=URI --ckpt drums=URI ... (ISDM, one per stem)."""
     values = [values] if isinstance(values, str) else list(values or [])
     if not values:
-        raise ValueError("--ckpt is required")
+        raise ConfigError("--ckpt is required")
     pairs = [re.match(r"^([A-Za-z][\w-]*)=(.+)$", v) for v in values]
     if len(values) == 1 and pairs[0] is None:
         return storage.absolute(values[0])
     out = {}
     for v, m in zip(values, pairs):
         if m is None:
-            raise ValueError(f"--ckpt {v!r}: give one URI for a joint model, or STEM=URI for "
+            raise ConfigError(f"--ckpt {v!r}: give one URI for a joint model, or STEM=URI for "
                              "every stem of an ISDM model")
         stem, uri = m.groups()
         if stem in out:
-            raise ValueError(f"--ckpt given twice for stem {stem!r}")
+            raise ConfigError(f"--ckpt given twice for stem {stem!r}")
         out[stem] = storage.absolute(uri)
     return out
 

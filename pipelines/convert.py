@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from msdm.checkpoint import CheckpointError, build_denoiser, check_size, load_state, save
+from msdm.checkpoint import build_denoiser, check_size, load_state, save
 from msdm.config import load_config
 
 from . import storage
@@ -39,10 +39,7 @@ def main(argv=None) -> dict:
     model_keys = [o for o in args.overrides if o.startswith("model.")]
     if model_keys:
         raise SystemExit(f"--set {model_keys[0]}: the architecture comes from the checkpoint")
-    try:
-        state = load_state(fetch_local(args.input), stem=args.stem)
-    except CheckpointError as e:
-        raise SystemExit(f"convert: {e}") from e
+    state = load_state(fetch_local(args.input), stem=args.stem)  # CheckpointError: cli() reports
     cfg = load_config(state["config"].to_dict(), args.overrides)
     if args.dry_run:
         print(cfg.to_yaml())

@@ -98,7 +98,10 @@ def _export_best(result, run_uri: str) -> dict:
     """Copy the best checkpoint's EMA weights to RUN/model.ckpt (one self-contained file)."""
     best = min(result.best_checkpoints, key=lambda cm: cm[1].get("val_loss", np.inf))
     with best[0].as_directory() as d:
-        state = load_state(f"{d}/state.ckpt")
+        try:
+            state = load_state(f"{d}/state.ckpt")
+        except CheckpointError as e:  # the run's own checkpoint: a fault, not the user's input
+            raise RuntimeError(f"cannot export the best checkpoint {d}: {e}") from e
     from msdm.checkpoint import build_model
 
     cfg = state["config"]

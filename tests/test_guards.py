@@ -2,6 +2,7 @@
 
 import ast
 import importlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -70,19 +71,25 @@ def test_every_pipeline_runs_main_through_cli(name):
     assert tail == ['if __name__ == "__main__":', "    cli(main)"]
 
 
-@pytest.mark.slow(seconds=12)
+@pytest.mark.slow(seconds=18)
 def test_user_errors_are_one_line_with_exit_status_2(tmp_path):
-    missing = tmp_path / "none.ckpt"
+    missing, junk = tmp_path / "none.ckpt", tmp_path / "junk.ckpt"
+    junk.write_bytes(b"not a checkpoint")
     cases = [("train", ["--data", str(tmp_path), "--storage", str(tmp_path), "--name", "r",
                         "--set", "train.p_mean=-4"], "train: error: unknown key(s) train.p_mean"),
              ("evaluate", ["--ckpt", str(missing), "--data", str(tmp_path),
-                           "--output", str(tmp_path / "e")], f"evaluate: error: {missing}")]
+                           "--output", str(tmp_path / "e")], f"evaluate: error: {missing}"),
+             ("convert", ["--input", str(junk), "--output", str(tmp_path / "c.ckpt")],
+              f"convert: error: {junk}")]
     for name, args, first in cases:
         out = subprocess.run([sys.executable, "-m", f"pipelines.{name}", *args],
                              capture_output=True, text=True, cwd=ROOT)
         assert out.returncode == 2, out.stderr
         assert out.stderr.startswith(first), out.stderr
         assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
-    verbose = subprocess.run([sys.executable, "-m", "pipelines.train", *cases[0][1], "--verbose"],
-                             capture_output=True, text=True, cwd=ROOT)
-    assert verbose.returncode == 1 and "Traceback" in verbose.stderr
+    assert not (tmp_path / "c.ckpt").exists()
+    for extra, env in (["--verb"], {}), ([], {"MSDM_TRACEBACK": "1"}):
+        verbose = subprocess.run([sys.executable, "-m", "pipelines.train", *cases[0][1], *extra],
+                                 capture_output=True, text=True, cwd=ROOT,
+                                 env={**os.environ, **env})
+        assert verbose.returncode == 1 and "Traceback" in verbose.stderr
