@@ -63,9 +63,11 @@ PAPER = ("sampler:\n  solver: euler\n  num_steps: 150\n  resamples: 2\n  s_churn
 # soft mask (it helps single noisy draws, not their mean). Chosen on 24 validation chunks of this
 # benchmark (2026-11-27): one draw 7.52 dB (7.89 masked), mean of 2 / 4 / 8: 8.01 / 8.29 / 8.43;
 # Euler 80: mean of 4 8.38 at twice the cost; Euler 20: mean of 8 only 6.89; the swept sampler:
-# one draw 7.84 (masked), mean of 4 8.66 at 952 NFE
+# one draw 7.84 (masked), mean of 4 8.66 at 952 NFE. sigma_max re-chosen on 2026-11-28 with the
+# batch-4 model, first 3 validation songs (27 windows): 1.0 / 0.5 / 0.25 / 0.18 / 0.12 / 0.06:
+# 10.74 / 10.94 / 11.48 / 11.74 / 11.76 / 11.37 dB
 POSTERIOR_MEAN = ("sampler:\n  solver: euler\n  num_steps: 40\n  resamples: 1\n  s_churn: 10.0\n"
-                  "  sigma_max: 0.5\nseparation:\n  constrained: 1\n  mask_power: 0.0\n"
+                  "  sigma_max: 0.12\nseparation:\n  constrained: 1\n  mask_power: 0.0\n"
                   "  samples: 4\n")
 MEAN_ROW = "MSDM posterior mean (Euler 40, mean of 4)"
 REFINED_MEAN_ROW = "HDemucs + MSDM refinement (swept, mean of 2)"
