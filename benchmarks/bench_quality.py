@@ -297,7 +297,7 @@ def main(argv=None):
     # a --reuse of a sweep from before 2026-11-28 swept one draw: its mean row is still 2 draws
     refined.setdefault("separation", {}).setdefault("samples", 2)
     sampler_file(out, "refined-mean", yaml.safe_dump(refined))
-    refined.setdefault("separation", {})["samples"] = 1
+    refined["separation"]["samples"] = 1  # "separation" exists since the setdefault above
     sampler_file(out, "refined", yaml.safe_dump(refined))
     rows += [{**r, "name": "HDemucs + MSDM refinement (swept)"}
              for r in evaluate(out, "eval-refined", ckpt, data,
