@@ -46,8 +46,9 @@ def epoch_batches(iterator, batch_size: int, buffer_rows: int, seed: int):
 
 
 def read_chunks(uri: str, stems, limit: int, stem: str = "") -> dict:
-    """The first `limit` chunks of a prepared split in file order, read on this process without
-    a global sort (shards hold whole tracks in order), then sorted by (track, chunk).
+    """The first `limit` chunks (limit <= 0: all of them) of a prepared split in file order, read
+    on this process without a global sort (shards hold whole tracks in order), then sorted by
+    (track, chunk).
     Returns {"x": [N, S, T] float32, "track_id": [N] object, "chunk_index": [N] int}."""
     fs, root = storage.get_fs(uri)
     files = sorted(f for f in (fs.find(root) if fs.exists(root) else [])
@@ -58,9 +59,9 @@ def read_chunks(uri: str, stems, limit: int, stem: str = "") -> dict:
     for f in files:
         with fs.open(f, "rb") as fh:
             table = pq.ParquetFile(fh).read()
-        parts.append(table.slice(0, limit - rows))
+        parts.append(table.slice(0, limit - rows) if limit > 0 else table)
         rows += parts[-1].num_rows
-        if rows >= limit:
+        if 0 < limit <= rows:
             break
     import pyarrow as pa
 

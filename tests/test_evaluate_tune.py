@@ -126,6 +126,20 @@ def test_bad_space_is_rejected(tmp_path):
         tune.load_space(str(bad))
 
 
+def test_read_chunks_limit_zero_reads_the_whole_split(synth_prepared):
+    """tune --max-chunks 0 means all validation chunks (as evaluate's does), not none."""
+    from pipelines.stages import read_chunks
+
+    split = synth_prepared / "prepared" / "validation"
+    stems = ("bass", "drums", "guitar", "piano")
+    table = pq.read_table(split)
+    every = read_chunks(str(split), stems, 0)
+    assert len(every["x"]) == table.num_rows > 3
+    assert sorted(zip(every["track_id"], every["chunk_index"])) == sorted(
+        zip(table.column("track_id").to_pylist(), table.column("chunk_index").to_pylist()))
+    assert len(read_chunks(str(split), stems, 3)["x"]) == 3
+
+
 def test_ckpt_arguments():
     # local paths come back absolute (Tune trials run in their own working directories)
     assert parse_ckpt(["runs/a/model.ckpt"]) == os.path.abspath("runs/a/model.ckpt")
