@@ -83,7 +83,8 @@ def build_parser():
     p.add_argument("--max-concurrent", type=int, default=0,
                    help="trials at once (default: as many as the cluster fits, <= 8)")
     p.add_argument("--max-chunks", type=int, default=32,
-                   help="validation chunks per trial: the first N of the split (0 = all)")
+                   help="validation chunks per trial: the first N of the split (0 = all; the "
+                        "driver holds them in memory and hands every trial the whole set)")
     p.add_argument("--gpus-per-trial", type=float, default=0,
                    help="GPUs per trial; requested from the autoscaler when the cluster has none")
     p.add_argument("--cpus-per-trial", type=float, default=None,

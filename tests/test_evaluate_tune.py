@@ -127,16 +127,21 @@ def test_bad_space_is_rejected(tmp_path):
 
 
 def test_read_chunks_limit_zero_reads_the_whole_split(synth_prepared):
-    """tune --max-chunks 0 means all validation chunks (as evaluate's does), not none."""
+    """tune --max-chunks 0 means all chunks of the split (as evaluate's does), not none; a
+    positive limit stops inside the shard that reaches it (train has several shards)."""
     from pipelines.stages import read_chunks
 
-    split = synth_prepared / "prepared" / "validation"
+    split = synth_prepared / "prepared" / "train"
     stems = ("bass", "drums", "guitar", "piano")
-    table = pq.read_table(split)
-    every = read_chunks(str(split), stems, 0)
-    assert len(every["x"]) == table.num_rows > 3
-    assert sorted(zip(every["track_id"], every["chunk_index"])) == sorted(
-        zip(table.column("track_id").to_pylist(), table.column("chunk_index").to_pylist()))
+    shards = sorted(f for f in split.glob("*.parquet") if not f.name.startswith(("_", ".")))
+    assert len(shards) > 1
+    table, first = pq.read_table(split), pq.read_table(shards[0]).num_rows
+    for limit in (0, -1):
+        every = read_chunks(str(split), stems, limit)
+        assert len(every["x"]) == table.num_rows
+        assert sorted(zip(every["track_id"], every["chunk_index"])) == sorted(
+            zip(table.column("track_id").to_pylist(), table.column("chunk_index").to_pylist()))
+    assert len(read_chunks(str(split), stems, first + 1)["x"]) == first + 1
     assert len(read_chunks(str(split), stems, 3)["x"]) == 3
 
 
