@@ -1,6 +1,6 @@
 """Quality benchmark: does the whole pipeline learn to separate, and which samplers are cheap?
 
-    make bench-quality   # = python benchmarks/bench_quality.py  (~1 h 20 min, 2 CPUs, 2026-11-28)
+    make bench-quality   # = python benchmarks/bench_quality.py  (~1 h 30 min, 2 CPUs, 2026-11-28)
     make bench-quality ARGS=--isdm   # + four ISDM priors (~38 min more)
 
 Fixed benchmark (seeds fixed): 60 generated Slakh-format songs of 20 s (`pipelines.synth --seed
@@ -17,9 +17,9 @@ Fixed benchmark (seeds fixed): 60 generated Slakh-format songs of 20 s (`pipelin
    (--init, tune_spaces/refine.yaml, <= 20 NFE);
 4. evaluate on the test split: the paper's sampler (Euler 150 x 2 = 300 NFE, no mask), the
    checkpoint's and the best swept sampler (with and without the mask), the posterior-mean
-   estimate (`separation.samples`: the mean of 4 draws of Euler 40, soft mask), HDemucs alone (NFE 1) and
-   HDemucs + MSDM refinement (one draw, and the mean of 2); next to the mixture (0 dB) and the
-   ideal ratio mask;
+   estimate (`separation.samples`: the mean of 4 draws of Euler 40, soft mask), HDemucs alone
+   (NFE 1) and HDemucs + MSDM refinement (one draw, and the mean of 2); next to the mixture
+   (0 dB) and the ideal ratio mask;
    --candidates adds fixed cheap samplers;
 5. optionally ISDM (--isdm): four single-stem priors sharing the same step budget; MSDM and
    ISDM scored side by side with the swept sampler on the first 3 test songs;
@@ -269,16 +269,22 @@ def main(argv=None):
     if abs(reg_min / msdm_min - 1) > 0.05:
         print(f"note: HDemucs trained {reg_min:.1f} min, MSDM {msdm_min:.1f} min "
               f"({100 * (reg_min / msdm_min - 1):+.0f} %)", flush=True)
-    # the refinement sweep scores all 117 validation chunks (9 songs; ~30 s a trial): on the first
-    # 32 its pick gained +0.63 dB over HDemucs there and +0.35 on the test songs
+    # the refinement sweep scores all 117 validation chunks (9 songs; ~40 s a trial, 2 at once):
+    # on the first 32 its pick gained +0.63 dB over HDemucs there and +0.35 on the test songs
     for name, space, trials, chunks, extra in (
             ("s", "cost_aware", args.trials, 32, []),
             ("refine", "refine", args.refine_trials, 0, ["--init", str(reg)])):
-        if not (out / "sweep" / name / "best.yaml").exists():
-            job("tune", "--ckpt", str(ckpt), "--data", data, "--space",
-                f"tune_spaces/{space}.yaml", "--num-samples", str(trials), "--max-chunks",
-                str(chunks), "--storage", str(out / "sweep"), "--name", name,
-                "--max-concurrent", "2", *extra)
+        args_ = ["--ckpt", str(ckpt), "--data", data, "--space", f"tune_spaces/{space}.yaml",
+                 "--num-samples", str(trials), "--max-chunks", str(chunks), "--storage",
+                 str(out / "sweep"), "--name", name, "--max-concurrent", "2", *extra]
+        inputs = json.dumps({"args": args_, "space": Path(args_[5]).read_text()})
+        sweep, stamp = out / "sweep" / name, out / "sweep" / name / "inputs.json"
+        if stamp.exists() and stamp.read_text() != inputs:  # as evaluate(): unstamped are kept
+            print(f"sweep {name}: its inputs changed since it ran; sweeping again", flush=True)
+            shutil.rmtree(sweep)
+        if not (sweep / "best.yaml").exists():
+            job("tune", *args_)
+            stamp.write_text(inputs)
     swept = yaml.safe_load((out / "sweep" / "s" / "best.yaml").read_text())
     files = [sampler_file(out, "paper", PAPER),
              sampler_file(out, "swept", yaml.safe_dump(swept))]
