@@ -274,10 +274,11 @@ def main(argv=None):
     for name, space, trials, chunks, extra in (
             ("s", "cost_aware", args.trials, 32, []),
             ("refine", "refine", args.refine_trials, 0, ["--init", str(reg)])):
-        args_ = ["--ckpt", str(ckpt), "--data", data, "--space", f"tune_spaces/{space}.yaml",
+        space_file = f"tune_spaces/{space}.yaml"
+        args_ = ["--ckpt", str(ckpt), "--data", data, "--space", space_file,
                  "--num-samples", str(trials), "--max-chunks", str(chunks), "--storage",
                  str(out / "sweep"), "--name", name, "--max-concurrent", "2", *extra]
-        inputs = json.dumps({"args": args_, "space": Path(args_[5]).read_text()})
+        inputs = json.dumps({"args": args_, "space": Path(space_file).read_text()})
         sweep, stamp = out / "sweep" / name, out / "sweep" / name / "inputs.json"
         if stamp.exists() and stamp.read_text() != inputs:  # as evaluate(): unstamped are kept
             print(f"sweep {name}: its inputs changed since it ran; sweeping again", flush=True)
