@@ -279,13 +279,16 @@ def main(argv=None):
                  "--num-samples", str(trials), "--max-chunks", str(chunks), "--storage",
                  str(out / "sweep"), "--name", name, "--max-concurrent", "2", *extra]
         inputs = json.dumps({"args": args_, "space": Path(space_file).read_text()})
-        sweep, stamp = out / "sweep" / name, out / "sweep" / name / "inputs.json"
-        if stamp.exists() and stamp.read_text() != inputs:  # as evaluate(): unstamped are kept
+        # stamped beside the sweep before it runs: an interrupted sweep resumes with the same
+        # inputs and starts afresh with changed ones (as evaluate(): unstamped sweeps are kept)
+        sweep, stamp = out / "sweep" / name, out / "sweep" / f"{name}.inputs.json"
+        if stamp.exists() and stamp.read_text() != inputs:
             print(f"sweep {name}: its inputs changed since it ran; sweeping again", flush=True)
-            shutil.rmtree(sweep)
+            shutil.rmtree(sweep, ignore_errors=True)
         if not (sweep / "best.yaml").exists():
-            job("tune", *args_)
+            stamp.parent.mkdir(parents=True, exist_ok=True)
             stamp.write_text(inputs)
+            job("tune", *args_)
     swept = yaml.safe_load((out / "sweep" / "s" / "best.yaml").read_text())
     files = [sampler_file(out, "paper", PAPER),
              sampler_file(out, "swept", yaml.safe_dump(swept))]
