@@ -211,6 +211,14 @@ def sampler_file(out: Path, name: str, text: str) -> str:
     return str(out / "samplers" / f"{name}.yaml")
 
 
+def drop_if_changed(folder: Path, stamp: Path, inputs: str, redo: str) -> None:
+    """--reuse: remove `folder` when its `stamp` records other inputs than `inputs` (a folder
+    without a stamp, from before stamps, is kept)."""
+    if stamp.exists() and stamp.read_text() != inputs:
+        print(f"{folder.name}: its inputs changed since it ran; {redo} again", flush=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def evaluate(out: Path, dest: str, ckpt: Path, data: str, files: list, *extra: str,
              chunks: int = 0) -> list:
     """Rows of one evaluate job on the test split (kept when --reuse finds them, unless its
@@ -220,9 +228,7 @@ def evaluate(out: Path, dest: str, ckpt: Path, data: str, files: list, *extra: s
             *[a for f in files for a in ("--sampler-config", f)]]
     inputs = json.dumps({"args": args, "samplers": [Path(f).read_text() for f in files]})
     stamp = out / dest / "inputs.json"
-    if stamp.exists() and stamp.read_text() != inputs:
-        print(f"{dest}: its inputs changed since it ran; scoring again", flush=True)
-        shutil.rmtree(out / dest)
+    drop_if_changed(out / dest, stamp, inputs, "scoring")
     if not (out / dest / "results.json").exists():
         job("evaluate", *args)
         stamp.write_text(inputs)
@@ -282,9 +288,7 @@ def main(argv=None):
         # stamped beside the sweep before it runs: an interrupted sweep resumes with the same
         # inputs and starts afresh with changed ones (as evaluate(): unstamped sweeps are kept)
         sweep, stamp = out / "sweep" / name, out / "sweep" / f"{name}.inputs.json"
-        if stamp.exists() and stamp.read_text() != inputs:
-            print(f"sweep {name}: its inputs changed since it ran; sweeping again", flush=True)
-            shutil.rmtree(sweep, ignore_errors=True)
+        drop_if_changed(sweep, stamp, inputs, "sweeping")
         if not (sweep / "best.yaml").exists():
             stamp.parent.mkdir(parents=True, exist_ok=True)
             stamp.write_text(inputs)
