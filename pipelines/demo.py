@@ -1,9 +1,11 @@
 """The whole msdm story on a local Ray cluster, as `make demo` runs it (8-13 min on 2 CPUs).
 
     python -m pipelines.demo --output demo_out [--quick]
+    python -m pipelines.demo --output demo_out --midi ~/lmd_full   # your MIDI files
 
-generate a Slakh-format data set -> prepare -> train the demo preset -> a Tune sweep ->
-evaluate on held-out songs (the checkpoint's sampler and the best swept one) -> batch-separate
+generate a Slakh-format data set (composed songs played by the GM SoundFont; with --midi, your
+MIDI files rendered by `pipelines.render`, split by content hash) -> prepare -> train the demo
+preset -> a Tune sweep -> evaluate on held-out songs (the checkpoint's sampler and the best swept one) -> batch-separate
 a few mixtures -> demo_out/report/REPORT.md with the SI-SDRi table, loss curve, SI-SDRi vs
 NFE, a separation picture and the audio. Each job runs as its own driver against one
 `ray start --head` cluster (token auth on), exactly as on a real cluster.
@@ -76,6 +78,14 @@ def main(argv=None) -> Path:
     p.add_argument("--output", default="demo_out")
     p.add_argument("--quick", action="store_true", help="a 3-minute version (CI smoke)")
     p.add_argument("--num-cpus", type=int, default=2)
+    p.add_argument("--midi", default=None, metavar="URI",
+                   help="train on these MIDI files (folder or s3:// prefix, e.g. Lakh) rendered "
+                        "with --soundfont, instead of generated songs")
+    p.add_argument("--soundfont", action="append", default=[], metavar="FILE",
+                   help="SoundFont(s) for the songs (default: the GM font of pretty-midi)")
+    p.add_argument("--renderer", choices=("soundfont", "additive"), default="soundfont",
+                   help="how generated songs are played (additive: the sine-partial songs of "
+                        "the first releases)")
     args = p.parse_args(argv)
     out = Path(args.output).resolve()
     q = args.quick
@@ -88,14 +98,21 @@ def main(argv=None) -> Path:
     for sub in ("prepared", "runs", "sweeps", "eval", "separated", "report", "mixtures"):
         shutil.rmtree(out / sub, ignore_errors=True)
     t0 = time.time()
-    log(f"[1/7] generating {tracks} Slakh-format songs of {seconds} s")
-    subprocess.run([sys.executable, "-m", "pipelines.synth", "--output", str(out / "slakh"),
-                    "--tracks", str(tracks), "--seconds", str(seconds), "--workers",
-                    str(args.num_cpus)], check=True)
+    fonts = [a for f in args.soundfont for a in ("--soundfont", f)]
+    if not args.midi:
+        log(f"[1/7] generating {tracks} Slakh-format songs of {seconds} s ({args.renderer})")
+        shutil.rmtree(out / "slakh", ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "pipelines.synth", "--output", str(out / "slakh"),
+                        "--tracks", str(tracks), "--seconds", str(seconds), "--workers",
+                        str(args.num_cpus), "--renderer", args.renderer, *fonts], check=True)
     cluster = LocalCluster(args.num_cpus)
     try:
+        if args.midi:
+            log(f"[1/7] rendering {args.midi} into a Slakh-format tree (pipelines.render)")
+            cluster.run("render", "--midi", args.midi, "--output", str(out / "rendered"), *fonts)
         log("[2/7] prepare: Slakh tree -> Parquet stem chunks")
-        cluster.run("prepare", "--input", str(out / "slakh"), "--output", str(out / "prepared"),
+        data = out / ("rendered" if args.midi else "slakh")
+        cluster.run("prepare", "--input", str(data), "--output", str(out / "prepared"),
                     "--config", PRESET)
         log(f"[3/7] train the {PRESET} preset for {steps} steps (Ray Train)")
         cluster.run("train", "--data", str(out / "prepared"), "--storage", str(out / "runs"),

@@ -1,6 +1,9 @@
 """Slakh-format multitrack song generator for demos, tests and benchmarks (no Ray import).
 
-Each song shares a tempo, key and chord progression across its instruments: bass on chord roots,
+Two renderers. `soundfont` (the default): `compose.compose` writes the song as General MIDI and
+`rendering.render_track` plays every instrument with a SoundFont, the code `pipelines.render`
+runs on real MIDI files. `additive` (fast unit tests, the generator of the first releases):
+each song shares a tempo, key and chord progression across its instruments: bass on chord roots,
 a drum pattern, strummed guitar and piano voicings, plus non-target instruments (strings, lead).
 Some songs lack a class, some have two guitars, some stems are `audio_rendered: false`. The tree is
 the Slakh2100 layout: ROOT/{split}/TrackNNNNN/{metadata.yaml, mix.flac, stems/SNN.flac}, 44.1 kHz.
@@ -225,15 +228,36 @@ def song_seed(seed: int, index: int) -> int:
     return seed * 100_003 + index
 
 
+RENDERERS = ("soundfont", "additive")
+
+
+def write_song(seed: int, seconds: float, folder: str | Path, renderer: str = "soundfont",
+               soundfonts=("default",)) -> dict:
+    """One generated song as a Slakh track folder; returns its metadata."""
+    if renderer == "additive":
+        return write_track(make_song(seed, seconds), Path(folder))
+    if renderer != "soundfont":
+        raise ValueError(f"renderer must be one of {RENDERERS}, got {renderer!r}")
+    from . import rendering
+    from .compose import compose
+    from .render_stages import load_soundfonts
+
+    data = compose(seed, seconds)
+    r = rendering.render_track(data, f"generated/{seed}.mid", load_soundfonts(soundfonts),
+                               seed=seed, sample_rate=SR, seconds=seconds)
+    rendering.write_track(r, str(folder))
+    return r.meta
+
+
 def generate_dataset(root: str | Path, tracks: int, seconds: float = 12.0, seed: int = 0,
-                     progress=None) -> list[Path]:
+                     progress=None, renderer: str = "additive") -> list[Path]:
     """Write `tracks` songs under root/{train,validation,test}/TrackNNNNN (Slakh numbering)."""
     if tracks < 1 or seconds <= 0:
         raise ValueError("need tracks >= 1 and seconds > 0")
     out = []
     for i in range(tracks):
         folder = track_folder(root, i, tracks)
-        write_track(make_song(song_seed(seed, i), seconds), folder)
+        write_song(song_seed(seed, i), seconds, folder, renderer)
         out.append(folder)
         if progress:
             progress(i + 1, tracks, folder)

@@ -1,10 +1,15 @@
-"""Generate a Slakh2100-format multitrack data set of musically coherent synthetic songs.
+"""Generate a Slakh2100-format multitrack data set of composed songs played by SoundFonts.
 
     python -m pipelines.synth --output data/synth --tracks 40 --seconds 24 --seed 0
+    python -m pipelines.synth --output data/synth --tracks 40 --soundfont a.sf2 --soundfont b.sf2
+    python -m pipelines.synth --output data/fast --tracks 8 --renderer additive   # unit tests
 
-Exact Slakh layout: OUTPUT/{train,validation,test}/TrackNNNNN/{metadata.yaml, mix.flac,
-stems/SNN.flac}, 44.1 kHz FLAC. The embedded default data set of `make demo` and the tests.
-Runs on a local process pool (no Ray needed); --workers 1 for a single process.
+Each song is composed as General MIDI (pipelines/compose.py: eight styles, sections, every GM
+program of bass, guitar and piano, eight drum kits, non-target instruments), then rendered by the
+code of `pipelines.render`: exact Slakh layout OUTPUT/{train,validation,test}/TrackNNNNN/
+{metadata.yaml, mix.flac, stems/SNN.flac, MIDI/SNN.mid, all_src.mid}, 44.1 kHz 16-bit FLAC.
+`--renderer additive` writes the sine-partial songs of the first releases (no MIDI).
+The embedded default data set of `make demo`. Runs on a local process pool (no Ray needed).
 """
 
 from __future__ import annotations
@@ -14,13 +19,13 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 
 from .common import cli, log
-from .songs import make_song, song_seed, track_folder, write_track
+from .songs import RENDERERS, song_seed, track_folder, write_song
 
 
 def _one(args):
-    index, total, seconds, seed, root = args
+    index, total, seconds, seed, root, renderer, fonts = args
     folder = track_folder(root, index, total)
-    write_track(make_song(song_seed(seed, index), seconds), folder)
+    write_song(song_seed(seed, index), seconds, folder, renderer, fonts)
     return str(folder)
 
 
@@ -31,11 +36,27 @@ def main(argv=None) -> list[str]:
     p.add_argument("--seconds", type=float, default=12.0, help="length of each song")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("--renderer", choices=RENDERERS, default="soundfont",
+                   help="soundfont: composed MIDI played by SoundFonts (default); additive: "
+                        "sine partials, no MIDI (fast unit tests)")
+    p.add_argument("--soundfont", action="append", default=[], metavar="FILE",
+                   help="SoundFont file, repeatable; each stem's is drawn with the song's seed "
+                        "(default: the GM font in the pretty-midi wheel)")
     args = p.parse_args(argv)
     if args.tracks < 1 or args.seconds <= 0:
         p.error("--tracks must be >= 1 and --seconds > 0")
-    jobs = [(i, args.tracks, args.seconds, args.seed, args.output) for i in range(args.tracks)]
-    log(f"synth: {args.tracks} songs x {args.seconds:g} s -> {args.output}")
+    fonts = tuple(args.soundfont) or ("default",)
+    if args.renderer == "soundfont":
+        from .render_stages import load_soundfonts
+        from .soundfont import SoundFontError
+
+        try:  # a missing synthesizer or a bad SoundFont: one clear line, before any work
+            load_soundfonts(fonts)
+        except SoundFontError as e:
+            p.error(str(e))
+    jobs = [(i, args.tracks, args.seconds, args.seed, args.output, args.renderer, fonts)
+            for i in range(args.tracks)]
+    log(f"synth: {args.tracks} songs x {args.seconds:g} s ({args.renderer}) -> {args.output}")
     done = []
     with ProcessPoolExecutor(max(1, args.workers)) as pool:
         for folder in pool.map(_one, jobs):
