@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip || true
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# the SoundFont synthesizer of pipelines.render: --no-deps skips pyaudio (live playback
+	# only; it needs PortAudio to build)
+	$(BIN)/python -m pip install -q --no-deps tinysoundfont==0.3.7
 	# test-only: the official stack for tests/test_released.py; --no-deps skips its
 	# data-science-types requirement (stub packages that shadow numpy's own typing)
 	$(BIN)/python -m pip install -q --no-deps audio-diffusion-pytorch==0.0.43 einops einops-exts
