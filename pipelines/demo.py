@@ -7,8 +7,9 @@ generate a Slakh-format data set (composed songs played by the GM SoundFont; wit
 MIDI files rendered by `pipelines.render`, split by content hash) -> prepare -> train the demo
 preset -> a Tune sweep -> evaluate on held-out songs (the checkpoint's sampler and the best
 swept one) -> batch-separate a few mixtures -> demo_out/report/REPORT.md with the SI-SDRi
-table, loss curve, SI-SDRi vs NFE, a separation picture and the audio. Each job runs as its own driver against one
-`ray start --head` cluster (token auth on), exactly as on a real cluster.
+table, loss curve, SI-SDRi vs NFE, a separation picture and the audio. Each job runs as its
+own driver against one `ray start --head` cluster (token auth on), exactly as on a real
+cluster.
 """
 
 from __future__ import annotations
