@@ -4,8 +4,12 @@
     make bench-quality ARGS=--isdm   # + four ISDM priors (~38 min more)
 
 Fixed benchmark (seeds fixed): 60 generated Slakh-format songs of 20 s (`pipelines.synth --seed
-1234`: 42 train, 9 validation, 9 held-out test), prepared with the `small` preset (11.025 kHz,
-1.5 s chunks). Steps, all through the real jobs on a local Ray cluster:
+1234`: 42 train, 9 validation, 9 held-out test; composed General MIDI played by the GM SoundFont
+since 2026-12-07, `--renderer additive` for the sine-partial songs of the rows before),
+prepared with the `small` preset (11.025 kHz, 1.5 s chunks). With --real-midi DIR the main rows
+are also scored on real songs: DIR's MIDI files rendered by `pipelines.render` and cut to
+--real-excerpt seconds each (none of them is used for training or sweeping). Steps, all through
+the real jobs on a local Ray cluster:
 1. train MSDM with the `demo` recipe (the `small` network, lr 2e-3 with warm-up and cosine decay,
    EMA warm-up, batch 4) for --steps (default 7200: the CPU time of the 4000 batch-8 steps of
    the runs before 2026-11-28, 29 min on the 2-core box of 2026-11-27);
@@ -250,6 +254,14 @@ def main(argv=None):
                     help="score the first N test chunks only (smoke runs; 0 = all)")
     ap.add_argument("--reuse", action="store_true",
                     help="keep the data, runs, sweeps and results of a previous run")
+    ap.add_argument("--renderer", choices=("soundfont", "additive"), default="soundfont",
+                    help="how the generated songs are played (additive: the rows before "
+                         "2026-12-07)")
+    ap.add_argument("--real-midi", default=None, metavar="DIR",
+                    help="also score the main rows on these real MIDI songs (rendered with the "
+                         "default SoundFont; never trained or swept on)")
+    ap.add_argument("--real-excerpt", type=float, default=12.0,
+                    help="seconds scored of each real song, from 30 %% of its length")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
     if not args.reuse:
@@ -258,7 +270,7 @@ def main(argv=None):
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if not (out / "prepared").exists():
         job("synth", "--output", str(out / "slakh"), "--tracks", "60", "--seconds", "20",
-            "--seed", "1234")
+            "--seed", "1234", "--renderer", args.renderer)
         job("prepare", "--input", str(out / "slakh"), "--output", str(out / "prepared"),
             "--config", "small")
     data = str(out / "prepared")
@@ -330,10 +342,14 @@ def main(argv=None):
                                chunks=args.eval_chunks)]
     prev = json.loads((out / "results.json").read_text()) if args.reuse and (
         out / "results.json").exists() else {}
+    real = real_rows(out, args, ckpt, reg) if args.real_midi else prev.get("real")
     report = {"train_minutes": msdm_min, "steps": train_steps(msdm_run),
               "regressor_minutes": reg_min,
               "regressor_steps": train_steps(reg_run), "msdm": rows,
-              "oracle_irm": oracle_scores(out / "prepared" / "test", 11025)}
+              "oracle_irm": oracle_scores(out / "prepared" / "test", 11025),
+              "renderer": args.renderer}
+    if real:
+        report["real"] = real
     report["imputation_gaussian_oracle"] = prev.get("imputation_gaussian_oracle") or \
         gaussian_imputation()
     report["imputation_benchmark"] = prev.get("imputation_benchmark") or imputation_coherence(
@@ -346,6 +362,35 @@ def main(argv=None):
             (r / "metrics.csv").exists() for r in runs) else prev.get("isdm_minutes"))
         publish(out, report)
     print((out / "QUALITY.md").read_text())
+
+
+def real_rows(out: Path, args, ckpt: Path, reg: Path) -> dict:
+    """The main rows on real songs: render, cut excerpts, prepare, score (no paper sampler:
+    300 NFE over ~13 min of audio would add ~45 min)."""
+    from pipelines.tracks import excerpt_tree
+
+    data = out / "prepared-real"
+    if not (data / "_report.json").exists():
+        job("render", "--midi", args.real_midi, "--output", str(out / "real-slakh"))
+        songs = excerpt_tree(str(out / "real-slakh"), str(out / "real-excerpts"),
+                             args.real_excerpt, split="test")
+        print(f"{songs} real songs, {args.real_excerpt:g} s each", flush=True)
+        job("prepare", "--input", str(out / "real-excerpts"), "--output", str(data), "--config",
+            "small")
+    rows = evaluate(out, "real-eval", ckpt, str(data), [str(out / "samplers" / "swept.yaml")],
+                    "--skip-checkpoint-sampler")
+    rows += [{**r, "name": MEAN_ROW} for r in evaluate(
+        out, "real-eval-mean", ckpt, str(data), [str(out / "samplers" / "mean.yaml")],
+        "--skip-checkpoint-sampler")]
+    rows += [{**r, "name": "HDemucs regressor (one pass)"}
+             for r in evaluate(out, "real-eval-hdemucs", reg, str(data), [])]
+    rows += [{**r, "name": "HDemucs + MSDM refinement (swept)"}
+             for r in evaluate(out, "real-eval-refined", ckpt, str(data),
+                               [str(out / "samplers" / "refined.yaml")], "--init", str(reg),
+                               "--skip-checkpoint-sampler")]
+    return {"rows": rows, "oracle_irm": oracle_scores(data / "test", 11025),
+            "songs": len(list((out / "real-excerpts" / "test").glob("Track*"))),
+            "excerpt_seconds": args.real_excerpt, "midi": args.real_midi}
 
 
 def last_metrics(run: Path) -> list[str]:
@@ -430,6 +475,22 @@ def isdm_row(r: dict) -> list:
             f"{i['seconds']:.0f} |"]
 
 
+def real_table(r: dict) -> list:
+    """The rows scored on real songs (--real-midi), with the oracle and the mixture."""
+    from pipelines.report import markdown_table
+
+    if not r.get("real"):
+        return []
+    real = r["real"]
+    rows = [dict(c) for c in real["rows"]]
+    rows.append({"name": "oracle IRM (sees the true stems)", "si_sdri": real["oracle_irm"],
+                 "windows": rows[0]["windows"], "nfe": 0, "seconds": 0.0})
+    return ["## Real songs", "", f"{real['songs']} real General MIDI songs ({real['midi']}), "
+            f"rendered by `pipelines.render` with the default SoundFont, "
+            f"{real['excerpt_seconds']:g} s of each from 30 % of its length; never trained or "
+            "swept on.", "", markdown_table(rows, STEMS), ""]
+
+
 def write_markdown(out: Path, r: dict) -> None:
     from pipelines.report import markdown_table, plot_nfe, plot_stem_bars, read_csv
 
@@ -453,8 +514,10 @@ def write_markdown(out: Path, r: dict) -> None:
              f"MSDM (`demo` recipe: `small` network) trained {r['steps']} steps "
              f"({r['train_minutes']:.0f} min of Ray Train on 2 CPUs), HDemucs "
              f"{r.get('regressor_steps', '-')} steps ({r.get('regressor_minutes', 0):.0f} min), "
-             "on 42 generated songs; scored on 9 held-out songs.", "",
-             markdown_table(rows, STEMS), "", *table3(r, rows), "", "![SI-SDRi](si_sdri.png)",
+             f"on 42 generated songs ({r.get('renderer', 'additive')} renderer); scored on 9 "
+             "held-out songs.", "",
+             markdown_table(rows, STEMS), "", *table3(r, rows), "", *real_table(r),
+             "![SI-SDRi](si_sdri.png)",
              "![SI-SDRi vs NFE](si_sdri_vs_nfe.png)", "",
              "## Imputation", "", "| method | regression on E[x_u|x_k] (exact: 1) | spread vs "
              "exact | NFE |", "|---|---|---|---|",

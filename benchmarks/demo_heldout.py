@@ -27,29 +27,6 @@ def job(name: str, *args: str) -> None:
     subprocess.run([sys.executable, "-m", f"pipelines.{name}", *args], check=True)
 
 
-def excerpts(src: Path, dst: Path, seconds: float, max_tracks: int) -> Path:
-    """A copy of a Slakh tree with every track cut to `seconds` from 30 % of its length."""
-    import shutil
-
-    import soundfile as sf
-
-    shutil.rmtree(dst, ignore_errors=True)
-    folders = sorted(src.glob("*/Track*"), key=lambda f: f.name)
-    for folder in folders[: max_tracks or None]:
-        if not (folder / "metadata.yaml").exists():
-            continue
-        out = dst / folder.parent.name / folder.name
-        (out / "stems").mkdir(parents=True)
-        shutil.copy(folder / "metadata.yaml", out / "metadata.yaml")
-        info = sf.info(folder / "mix.flac")
-        n = int(seconds * info.samplerate) if seconds else info.frames
-        a = max(0, min(int(0.3 * info.frames), info.frames - n))
-        for f in [folder / "mix.flac", *sorted((folder / "stems").glob("*.flac"))]:
-            x, sr = sf.read(f, start=a, stop=a + n, dtype="int16")
-            sf.write(out / f.relative_to(folder), x, sr, subtype="PCM_16")
-    return dst
-
-
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--demo", default="demo_out")
@@ -65,10 +42,14 @@ def main(argv=None) -> dict:
                    help="score one excerpt of each track, from 30 %% of its length on (whole "
                         "real songs take hours to score on 2 CPUs)")
     p.add_argument("--max-tracks", type=int, default=0, help="score the first N tracks only")
+    p.add_argument("--sampler-config", default=None,
+                   help="score with this sampler file instead of the demo's best.yaml (A/Bs of "
+                        "models without the sweep's noise)")
     args = p.parse_args(argv)
     demo, out = Path(args.demo), Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     ckpt, best = demo / "runs" / "demo" / "model.ckpt", demo / "sweeps" / "demo" / "best.yaml"
+    best = Path(args.sampler_config) if args.sampler_config else best
     for f in (ckpt, best):
         if not f.exists():
             raise SystemExit(f"{f} is missing: run `make demo` first")
@@ -80,7 +61,10 @@ def main(argv=None) -> dict:
             str(args.seconds), "--seed", str(args.seed), "--workers", "2", "--renderer",
             args.renderer)
     if args.excerpt or args.max_tracks:
-        slakh = excerpts(slakh, out / "excerpts", args.excerpt, args.max_tracks)
+        from pipelines.tracks import excerpt_tree
+
+        excerpt_tree(str(slakh), str(out / "excerpts"), args.excerpt, args.max_tracks)
+        slakh = out / "excerpts"
     from msdm.checkpoint import load_checkpoint
 
     cfg, _ = load_checkpoint(ckpt)

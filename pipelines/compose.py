@@ -44,7 +44,7 @@ STYLES = {
 EXTRAS = (48, 49, 50, 52, 56, 61, 62, 65, 66, 71, 73, 80, 81, 87, 88, 89, 91, 16, 17, 18, 11, 13,
           40, 42, 45, 53, 57, 60, 64, 68, 74, 82, 90, 95, 8, 12)
 # GM drum keys
-KICK, SNARE, RIM, CLAP, HAT, PEDAL_HAT, OPEN_HAT, CRASH, RIDE = 36, 38, 37, 39, 42, 44, 46, 49, 51
+RIM, CLAP, HAT, PEDAL_HAT, OPEN_HAT = 37, 39, 42, 44, 46  # GM drum keys; the rest per song
 TOMS = (41, 43, 45, 47, 48, 50)
 
 
@@ -103,6 +103,11 @@ class Song:
         else:
             self.degrees = PROGRESSIONS[int(rng.integers(len(PROGRESSIONS)))]
         self.sections = self._form()
+        self.kit = self._kit()
+        # a one-bar bass riff (beat, steps from the chord root), for the styles that use riffs
+        self.riff = [(b, int(_pick(rng, (0, 0, 0, 7, 12, 10, 5, 3, -2))))
+                     for b in sorted(set(_pick(rng, ([0, 0.5, 1.5, 2, 3, 3.5], [0, 0.75, 1.5, 2.5],
+                                                    [0, 1, 2, 2.5, 3], [0, 0.5, 1, 2, 2.5, 3.5]))))]
         # programs: the style's favourites, or any program of the class (every one occurs)
         def prog(prefs, lo):
             return int(_pick(rng, prefs) if rng.random() < 0.6 else lo + rng.integers(8))
@@ -125,6 +130,19 @@ class Song:
             self.parts.pop(int(rng.integers(2)))
         if not any(p.role in ("guitar", "piano") for p in self.parts):
             self.parts.append(Part("piano", prog(pianos, 0), next(channels), self.style))
+
+    def _kit(self) -> dict:
+        """This song's drum voices on the General MIDI drum map: which kick, snare, cymbals, and
+        a percussion layer (tambourine, cowbell, shakers, congas, ...) some songs add."""
+        rng = self.rng
+        perc = [(54, (1, 3)), (56, (0, 1, 2, 3)), (70, "16"), (69, "8"), (60, (0.5, 1.5, 2.5)),
+                (62, (0, 0.75, 2, 2.75)), (63, (1.5, 3.5)), (64, (1, 3)), (75, (0, 1.5, 3)),
+                (76, (0.5, 2.5)), (80, "8"), (58, (3,)), (27, (0,)), (31, (3.5,))]
+        layer = [perc[i] for i in rng.choice(len(perc), size=int(rng.choice([0, 0, 1, 1, 2])),
+                                             replace=False)]
+        return {"kick": _pick(rng, (36, 36, 35)), "snare": _pick(rng, (38, 38, 40, 40, 39)),
+                "ride": _pick(rng, (51, 51, 59, 53)), "crash": _pick(rng, (49, 49, 57, 55, 52)),
+                "perc": layer}
 
     def _form(self) -> list[dict]:
         rng, out, bar = self.rng, [], 0
@@ -195,23 +213,23 @@ def _melody(song: Song, rng, bars: int, low: int, high: int) -> list[tuple[float
 
 
 def play_drums(song: Song, p: Part, bar: int, level: float, fill: bool, first: bool) -> None:
-    rng, m, style = song.rng, song.meter, p.style
+    rng, m, style, kit = song.rng, song.meter, p.style, song.kit
     v = lambda base: int(base * level)  # noqa: E731
     t = lambda beat: song.tick(bar, beat)  # noqa: E731
     if first:
-        p.note(t(0), TPB, CRASH, v(110), rng)
+        p.note(t(0), TPB, kit["crash"], v(110), rng)
     if style == "jazz":
         for beat in range(m):
-            p.note(t(beat), TPB // 2, RIDE, v(85 + 10 * (beat % 2)), rng)
+            p.note(t(beat), TPB // 2, kit["ride"], v(85 + 10 * (beat % 2)), rng)
             if beat % 2 and m == 4:
-                p.note(t(beat + 0.5), TPB // 4, RIDE, v(70), rng)
+                p.note(t(beat + 0.5), TPB // 4, kit["ride"], v(70), rng)
                 p.note(t(beat), TPB // 4, PEDAL_HAT, v(70), rng)
             if rng.random() < 0.25:
-                p.note(t(beat + _pick(rng, (0.5, 0))), TPB // 4, SNARE, v(55), rng)
-        p.note(t(0), TPB // 4, KICK, v(60), rng)
+                p.note(t(beat + _pick(rng, (0.5, 0))), TPB // 4, kit["snare"], v(55), rng)
+        p.note(t(0), TPB // 4, kit["kick"], v(60), rng)
     else:
         sub = 4 if style in ("funk", "electro", "metal") and rng.random() < 0.7 else 2
-        hat = RIDE if level > 0.95 and rng.random() < 0.4 else HAT
+        hat = kit["ride"] if level > 0.95 and rng.random() < 0.4 else HAT
         for k in range(m * sub):
             beat = k / sub
             if style == "ballad" and k % sub:
@@ -227,19 +245,26 @@ def play_drums(song: Song, p: Part, bar: int, level: float, fill: bool, first: b
         elif style in ("funk", "electro", "rock", "pop"):
             kicks += [b for b in (1.5, 2.5, 3.5, 0.75) if b < m and rng.random() < 0.25]
         for beat in kicks:
-            p.note(t(beat), TPB // 4, KICK, v(105), rng)
+            p.note(t(beat), TPB // 4, kit["kick"], v(105), rng)
         back = [1, 3] if m == 4 else [1, 2]
-        snare = CLAP if style == "electro" else RIM if style == "ballad" else SNARE
+        snare = CLAP if style == "electro" else RIM if style == "ballad" else kit["snare"]
         for beat in back:
             p.note(t(beat), TPB // 4, snare, v(100), rng)
         if style == "funk" and rng.random() < 0.5:
-            p.note(t(_pick(rng, (1.75, 3.25, 2.75))), TPB // 8, SNARE, v(50), rng)  # ghost
+            p.note(t(_pick(rng, (1.75, 3.25, 2.75))), TPB // 8, kit["snare"], v(50), rng)
+    for key, beats in kit["perc"]:  # the percussion layer
+        if isinstance(beats, str):  # "8" or "16": every eighth or sixteenth note
+            n = int(beats) // 4
+            beats = [k / n for k in range(m * n)]
+        for beat in (b for b in beats if b < m):
+            p.note(t(beat), TPB // 4, key, v(70 + 20 * (beat % 1 == 0)), rng)
     if fill:  # the last beats of a section: toms and snare
         start = m - int(rng.integers(1, 3))
         step = _pick(rng, (0.25, 0.5))
         toms = sorted(rng.choice(TOMS, size=3, replace=False), reverse=True)
         for k in range(int((m - start) / step)):
-            key = SNARE if rng.random() < 0.3 else toms[min(2, int(k * 3 * step // (m - start)))]
+            key = kit["snare"] if rng.random() < 0.3 else \
+                toms[min(2, int(k * 3 * step // (m - start)))]
             p.note(t(start + k * step), TPB // 4, int(key), v(90 + 3 * k), rng)
 
 
@@ -268,14 +293,21 @@ def play_bass(song: Song, p: Part, bar: int, level: float) -> None:
         p.note(song.tick(bar, 0), m * TPB * 3 // 4, root, v - 10, rng)
         if m == 4:
             p.note(song.tick(bar, 2), 2 * TPB - 40, root + _pick(rng, (7, 12, 0)), v - 20, rng)
+    elif p.style in ("rock", "metal", "pop") and rng.random() < 0.4:  # the song's riff
+        for beat, step in song.riff:
+            if beat < m:
+                p.note(song.tick(bar, beat), TPB // 2 - 20, root + step, v, rng)
     else:
         sub = 4 if p.style in ("metal", "electro") and rng.random() < 0.5 else \
             _pick(rng, (1, 2, 2))
+        nxt = song.root + (song.chord(bar + 1)[0] - song.root) % 12
         for k in range(m * sub):
             if p.style == "electro" and sub == 2 and k % 2 == 0:
                 continue  # off-beat synth bass
             key = root + (12 if rng.random() < 0.1 else 7 if k == m * sub - 1 and
                           rng.random() < 0.4 else 0)
+            if k == m * sub - 1 and nxt != root and rng.random() < 0.3:
+                key = nxt + _pick(rng, (-1, 1, -2, 2))  # approach the next chord
             p.note(song.tick(bar, k / sub), TPB // sub - 30, key, v - (10 if k % sub else 0),
                    rng)
 

@@ -232,3 +232,35 @@ def build_report(summaries: list[dict], input_uri: str, output_uri: str, data: D
     return {"input": input_uri, "output": output_uri, "sample_rate": data.sample_rate,
             "chunk_samples": data.chunk_samples, "stems": list(data.stems), "files": files,
             "splits": splits, "failed": sorted(failed, key=lambda r: (r["split"], r["track_id"]))}
+
+
+def excerpt_tree(src: str, dst: str, seconds: float, max_tracks: int = 0,
+                 split: str | None = None, start: float = 0.3) -> int:
+    """A local copy of a Slakh tree with every finished track cut to `seconds` from `start` of
+    its length (whole real songs take hours to score on a few CPUs); `split` puts every track
+    in that one split. Returns the number of tracks written."""
+    import shutil
+
+    import soundfile as sf
+
+    shutil.rmtree(dst, ignore_errors=True)
+    folders = []
+    for name in SPLITS:
+        root = os.path.join(src, name)
+        if os.path.isdir(root):
+            folders += [os.path.join(root, t) for t in os.listdir(root)
+                        if os.path.exists(os.path.join(root, t, "metadata.yaml"))]
+    folders = sorted(folders, key=os.path.basename)[: max_tracks or None]
+    for folder in folders:
+        out = os.path.join(dst, split or os.path.basename(os.path.dirname(folder)),
+                           os.path.basename(folder))
+        os.makedirs(os.path.join(out, "stems"))
+        shutil.copy(os.path.join(folder, "metadata.yaml"), out)
+        info = sf.info(os.path.join(folder, "mix.flac"))
+        n = int(seconds * info.samplerate) if seconds else info.frames
+        a = max(0, min(int(start * info.frames), info.frames - n))
+        stems = sorted(os.listdir(os.path.join(folder, "stems")))
+        for rel in ["mix.flac", *(os.path.join("stems", s) for s in stems)]:
+            x, sr = sf.read(os.path.join(folder, rel), start=a, stop=a + n, dtype="int16")
+            sf.write(os.path.join(out, rel), x, sr, subtype="PCM_16")
+    return len(folders)

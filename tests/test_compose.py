@@ -79,7 +79,8 @@ def test_sections_drop_instruments_and_dynamics_vary(scores):
     assert drops >= 0.3 * len(SEEDS)
     velocities = [m.velocity for s in scores.values() for p in s.instruments
                   for _, _, m in p.events if m.type == "note_on"]
-    assert np.percentile(velocities, 5) < 65 and np.percentile(velocities, 95) > 95
+    low, high = np.percentile(velocities, [5, 95])
+    assert high - low >= 40  # soft and loud notes: sections, accents, ghost notes
 
 
 def test_guitar_and_piano_share_register_and_expression_is_used(scores):
