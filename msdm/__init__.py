@@ -8,6 +8,7 @@ from .checkpoint import load_checkpoint, load_factorized
 from .config import Config, load_config
 from .diffusion import Denoiser, FactorizedDenoiser, GaussianDenoiser
 from .sampling import SamplerConfig
+from .separator import Separator
 from .tasks import generate, impute, separate
 
 __version__ = "0.1.0"
@@ -18,6 +19,7 @@ __all__ = [
     "FactorizedDenoiser",
     "GaussianDenoiser",
     "SamplerConfig",
+    "Separator",
     "generate",
     "impute",
     "load_checkpoint",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .audio import as_tensor
+from .audio import as_tensor, resample
 
 CANCEL = 1e-3  # channels: stems that cancel to below this fraction of their sum follow the masks
 TOP_BAND = (0.7, 0.9)  # fractions of the model's Nyquist frequency that define its top band
@@ -88,6 +88,18 @@ def mask_split(window: np.ndarray, stems: np.ndarray, rate: int, model_rate: int
     out = torch.istft(spec.reshape(-1, *spec.shape[-2:]), n_fft, hop, window=win, center=True,
                       length=length)
     return out.reshape(stems.shape[0], window.shape[0], length).numpy()
+
+
+def split_segment(stems: np.ndarray, window: np.ndarray, rate: int, model_rate: int,
+                  power: float = 1.0, method: str = "channels", mono: bool = False) -> np.ndarray:
+    """One segment's model-rate stems ([S, T], or [S, C, T] separated per channel) -> stems
+    [S, C, T_out] at `rate` for the output-rate window [C, T_out] of the same span: upsampled,
+    then split over every channel and the full band by `mask_split` (mono: upsampled only)."""
+    up = resample(stems, model_rate, rate)[..., : window.shape[-1]]
+    up = np.pad(up, [(0, 0)] * (up.ndim - 1) + [(0, window.shape[-1] - up.shape[-1])])
+    if mono:
+        return up[:, None]
+    return mask_split(window, up, rate, model_rate, power, method=method)
 
 
 def _blend(est: torch.Tensor, x: torch.Tensor, power: float, cutoff, top) -> torch.Tensor:

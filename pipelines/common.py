@@ -213,7 +213,9 @@ def init_ray(args, paths=(), runtime_env: dict | None = None):
 
 
 def _start_ray(ray, args, runtime_env):
-    env_vars = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "MSDM_"))}
+    # S3 settings and the tracking backends' (MLflow, W&B) go to every worker
+    env_vars = {k: v for k, v in os.environ.items()
+                if k.startswith(("AWS_", "MSDM_", "MLFLOW_", "WANDB_"))}
     address = args.address or os.environ.get("RAY_ADDRESS")
     if not getattr(args, "verbose", False):
         # Ray Data actors (a training run's SplitCoordinator) log an INFO line per epoch and

@@ -11,8 +11,8 @@ import time
 
 import numpy as np
 
-from msdm.audio import BlockReader, RatePlan, open_audio, resample
-from msdm.stereo import mask_split
+from msdm.audio import BlockReader, RatePlan, open_audio
+from msdm.stereo import split_segment
 
 from . import storage
 from .common import peak_rss_mb, private_mb
@@ -106,24 +106,9 @@ class SeparateSegments:
 
 
     def _separate(self, rows, mixes, keys, stems) -> None:
-        items, same = [], {}  # a channel equal to an earlier one is separated once
-        for i in rows:
-            m = np.atleast_2d(mixes[i])
-            for c in range(len(m)):
-                twin = next((d for d in range(c) if np.array_equal(m[d], m[c])), None)
-                if twin is None:
-                    items.append((i, c))
-                else:
-                    same[(i, c)] = (i, twin)
-        mix = np.stack([np.atleast_2d(mixes[i])[c] for i, c in items])
-        est = self.separator(mix, [keys[i] for i, _ in items])  # [B', S, T]
-        for (i, c), e in zip(items, est):
-            if mixes[i].ndim == 1:
-                stems[i] = e
-            else:
-                stems[i][:, c] = e
-        for (i, c), (_, d) in same.items():
-            stems[i][:, c] = stems[i][:, d]
+        done = self.separator.separate_channels([mixes[i] for i in rows], [keys[i] for i in rows])
+        for i, st in zip(rows, done):
+            stems[i] = st
 
 
 def split_segments(batch: dict, power: float = 1.0, method: str = "transfer") -> dict:
@@ -150,11 +135,8 @@ def split_segments(batch: dict, power: float = 1.0, method: str = "transfer") ->
 
 def _split_one(stems: np.ndarray, window: np.ndarray, plan: dict, power: float,
                method: str) -> np.ndarray:
-    up = resample(stems, plan["model_rate"], plan["rate"])[..., : window.shape[-1]]
-    up = np.pad(up, [(0, 0)] * (up.ndim - 1) + [(0, window.shape[-1] - up.shape[-1])])
-    if plan["mono"]:
-        return up[:, None]
-    return mask_split(window, up, plan["rate"], plan["model_rate"], power, method=method)
+    return split_segment(stems, window, plan["rate"], plan["model_rate"], power, method,
+                         mono=plan["mono"])
 
 
 def _column(arrays: list[np.ndarray]):

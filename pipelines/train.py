@@ -24,7 +24,7 @@ import numpy as np
 from msdm.checkpoint import CheckpointError, check_size, load_state, save
 from msdm.config import ConfigError, apply_overrides
 
-from . import storage
+from . import storage, tracking
 from .common import autoscaling, cli, dry_run, init_ray, log, parser, resolve_config, write_json
 from .report import plot_loss
 from .stages import read_chunks, train_dataset
@@ -52,6 +52,7 @@ def build_parser():
     p.add_argument("--object-store-mb", type=float, default=0,
                    help="object store of the local cluster this job starts (ignored with "
                         "--address; default: Ray's, 30 %% of RAM)")
+    tracking.add_argument(p)
     return p
 
 
@@ -130,6 +131,8 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--threads must be >= 0 (0 = the worker's CPUs), got {args.threads}")
     if dry_run(cfg, args, {"run": run_uri, "workers": args.num_workers, "gpu": args.gpu}):
         return {}
+    track = tracking.parse(args.tracking, args.experiment)  # a bad backend fails before Ray
+    tracking.check(track)
     storage.check_readable(storage.join(args.data, "train"))
     storage.check_writable(args.storage)
     _check_data(args.data, cfg)
@@ -161,8 +164,8 @@ def main(argv=None) -> dict:
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "opts": {
             "val_ref": val_ref, "warm_start": args.warm_start, "threads": args.threads,
-            "verbose": args.verbose,
-            "metrics_uri": storage.join(run_uri, "metrics.csv")}},
+            "verbose": args.verbose, "tracking": track.to_dict(), "run_uri": run_uri,
+            "name": args.name, "metrics_uri": storage.join(run_uri, "metrics.csv")}},
         scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=args.gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(

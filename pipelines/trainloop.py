@@ -13,12 +13,13 @@ import numpy as np
 import torch
 
 from msdm.checkpoint import build_model, load_state, save
-from msdm.config import Config
+from msdm.config import Config, flatten
 from msdm.data import random_crop, random_shift
 from msdm.training import compile_model, make_ema, make_optimizer, train_step, validation_loss
 
 from . import storage
 from .stages import epoch_batches
+from .tracking import TrainLogger
 
 CSV_FIELDS = ["step", "loss", "val_loss", "samples_per_s", "data_wait", "lr", "elapsed_s"]
 
@@ -94,6 +95,8 @@ def train_loop_per_worker(config: dict) -> None:
     gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank + 7919 * step)
     per_worker = cfg.train.batch_size // world  # the driver checked that it divides
     shard = ray.train.get_dataset_shard("train")  # [ray]
+    tracker = TrainLogger(opts["tracking"], opts["run_uri"], opts["name"],
+                          flatten(cfg.to_dict()), rank) if opts.get("tracking") else None
     t_start, last_log, waited, samples = time.time(), time.time(), 0.0, 0
     first_step, val = step, {}
     if rank == 0:
@@ -124,6 +127,8 @@ def train_loop_per_worker(config: dict) -> None:
                        "data_wait": waited / max(now - last_log, 1e-9),
                        "lr": opt.param_groups[0]["lr"], "elapsed_s": now - t_start}
                 history.append(row)
+                if tracker is not None:
+                    tracker.log(row)
                 if rank == 0:
                     vl = f"{row['val_loss']:.4f}" if row["val_loss"] != "" else "-"
                     eta = (cfg.train.max_steps - step) * (now - t_start) / (step - first_step)
@@ -137,6 +142,8 @@ def train_loop_per_worker(config: dict) -> None:
             if done:
                 break
             t_wait = time.time()
+    if tracker is not None:  # the run's exported checkpoint (the best by validation loss)
+        tracker.finish(storage.join(opts["run_uri"], "model.ckpt"))
 
 
 def _clock(seconds: float) -> str:

@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import time
+from pathlib import Path
 
+import numpy as np
 import yaml
 
 from msdm.config import ConfigError, config_keys
+from msdm.metrics import window_starts
 
-from . import storage
+from . import storage, tracking
 from .common import (
     add_init,
     ckpt_uris,
@@ -36,14 +40,35 @@ from .common import (
 )
 from .models import load_model
 from .report import plot_nfe
-from .stages import read_chunks
+from .stages import no_windows, read_chunks
 from .sweep import sweep_trial
 
 KINDS = ("choice", "uniform", "loguniform", "randint", "quniform")
 
 
+def space_dirs() -> list[Path]:
+    """Where named spaces live: the checkout's tune_spaces/, or the copy an installed package
+    carries (pipelines/tune_spaces/)."""
+    here = Path(__file__).resolve().parent
+    return [d for d in (here.parent / "tune_spaces", here / "tune_spaces") if d.is_dir()]
+
+
+def resolve_space(spec: str) -> str:
+    """--space as given: a YAML file (local or s3://), or the name of a packaged space."""
+    if storage.is_remote(spec) or os.path.exists(spec):
+        return spec
+    name = spec.removesuffix(".yaml").split("/")[-1]
+    for folder in space_dirs():
+        if (folder / f"{name}.yaml").is_file():
+            return str(folder / f"{name}.yaml")
+    known = sorted({f.stem for d in space_dirs() for f in d.glob("*.yaml")})
+    raise ConfigError(f"--space {spec}: no such file, and no packaged space of that name "
+                      f"(known: {', '.join(known) or 'none'})")
+
+
 def load_space(path: str) -> dict:
     """Read a tune_spaces YAML; every key must be a config field and every kind known."""
+    path = resolve_space(path)
     try:
         spec = yaml.safe_load(storage.read_bytes(path).decode()) or {}
     except (storage.StorageError, yaml.YAMLError, UnicodeDecodeError) as e:
@@ -78,7 +103,9 @@ def build_parser():
     p.add_argument("--ckpt", action="append", required=True, help="model.ckpt, or STEM=URI")
     p.add_argument("--data", required=True, help="prepared dataset root")
     p.add_argument("--split", default="validation")
-    p.add_argument("--space", required=True, help="tune_spaces/*.yaml")
+    p.add_argument("--space", required=True,
+                   help="a search-space YAML file, or the name of a packaged one (cost_aware, "
+                        "dirac, refine, demo, ...: tune_spaces/NAME.yaml)")
     p.add_argument("--num-samples", type=int, default=None, help="trials (default: the space's)")
     p.add_argument("--max-concurrent", type=int, default=0,
                    help="trials at once (default: as many as the cluster fits, <= 8)")
@@ -93,6 +120,7 @@ def build_parser():
     p.add_argument("--storage", required=True)
     p.add_argument("--name", required=True, help="sweep name; an existing name resumes")
     add_init(p)
+    tracking.add_argument(p)
     return p
 
 
@@ -105,7 +133,12 @@ def main(argv=None) -> dict:
     num_samples = args.num_samples or int(spec.get("num_samples", 16))
     if dry_run(cfg, args, {"space": spec, "num_samples": num_samples}):
         return {}
+    track = tracking.parse(args.tracking, args.experiment)  # a bad backend fails before Ray
+    tracking.check(track)
+    if not track.tensorboard:  # Tune adds its TensorBoard logger unless told not to
+        os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     val = read_chunks(storage.join(args.data, args.split), cfg.data.stems, args.max_chunks)
+    _check_windows(val, cfg)
     sweep_uri = storage.join(args.storage, args.name)
     ray = init_ray(args, [args.storage, *ckpt_uris(ckpt)])
     from ray import tune
@@ -134,11 +167,23 @@ def main(argv=None) -> dict:
                 metric=metric, mode=mode, num_samples=num_samples, reuse_actors=True,
                 search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrent)),
             run_config=tune.RunConfig(name=args.name, storage_path=path, storage_filesystem=fs,
-                                      verbose=0, callbacks=[_progress(tune, num_samples)]))
+                                      verbose=0, callbacks=[_progress(tune, num_samples),
+                                                            *tracking.tune_callbacks(track)]))
         log(f"tune: {num_samples} trials of {args.space} on {len(val['x'])} chunks, "
             f"{concurrent} at once -> {sweep_uri}")
     grid = tuner.fit()
     return _write_outputs(grid, spec, sweep_uri, metric, mode)
+
+
+def _check_windows(val: dict, cfg) -> None:
+    """Every trial would score nothing (and report no number) when no track of the chunks read
+    is long enough for one window of the protocol: say so before Ray starts."""
+    tracks, counts = np.unique(val["track_id"], return_counts=True)
+    samples = [int(n) * cfg.data.chunk_samples for n in counts]
+    sr = cfg.data.sample_rate
+    if not any(window_starts(n, round(4.0 * sr), round(2.0 * sr)) for n in samples):
+        raise ConfigError("tune: " + no_windows([n / sr for n in samples],
+                                                cfg.data.chunk_samples / sr))
 
 
 def _progress(tune, total: int):

@@ -181,3 +181,28 @@ def test_trial_metrics_scores_finite_estimates_and_floors_diverged_ones():
     assert bad["diverged"] == 1 and bad["windows"] == 0
     assert bad["si_sdri"] == bad["si_sdri_bass"] == DIVERGED_DB
     assert bad["score"] == pytest.approx(DIVERGED_DB - 0.2)
+
+
+@pytest.mark.slow(seconds=15)
+def test_scoring_no_window_is_an_error_that_names_the_window_lengths_and_fix(
+        ray_local, synth_prepared, tiny_unet_ckpt, tmp_path):
+    """--config tiny --max-chunks 2: two 0.19 s chunks of one track, shorter than the protocol's
+    window: evaluate and tune fail with the reason, never `nan dB over 0 windows`."""
+    from msdm.config import ConfigError
+
+    data = str(synth_prepared / "prepared")
+    with pytest.raises(ConfigError, match=r"no window was scored.*4 s windows.*"
+                                          r"0\.4-0\.4 s long.*--max-chunks 0"):
+        evaluate.main(["--ckpt", str(tiny_unet_ckpt), "--data", data, "--output",
+                       str(tmp_path / "e"), "--max-chunks", "2"])
+    assert not (tmp_path / "e" / "results.json").exists()
+    with pytest.raises(ConfigError, match="no window was scored"):
+        tune.main(["--ckpt", str(tiny_unet_ckpt), "--data", data, "--space", "cost_aware",
+                   "--storage", str(tmp_path / "s"), "--name", "n", "--max-chunks", "2"])
+
+
+def test_space_names_resolve_to_the_packaged_files():
+    assert Path(tune.resolve_space("cost_aware")) == ROOT / "tune_spaces" / "cost_aware.yaml"
+    assert tune.resolve_space(str(ROOT / "tune_spaces" / "demo.yaml")).endswith("demo.yaml")
+    with pytest.raises(Exception, match="known: .*cost_aware"):
+        tune.resolve_space("nope")

@@ -291,3 +291,50 @@ def test_format_1_checkpoint_keeps_its_network(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x, torch.tensor([0.1, 1.0])), den(x, torch.tensor([0.1, 1.0])))
     assert Config().model.attention_bias is False  # new trainings get the released layout
+
+
+def test_loads_from_several_threads_keep_their_own_allowlist(tmp_path, monkeypatch):
+    """torch's weights_only allowlist is process-wide; msdm widens it only under a lock, so
+    threads loading files with different foreign objects each get their own stand-ins and the
+    allowlist is left as it was."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from msdm.released import safe_load
+
+    before = list(torch.serialization.get_safe_globals())
+    paths = {}
+    for i in range(4):
+        name = f"foreign{i}.things"
+        cls = type(f"Thing{i}", (), {})
+        _fake_module(monkeypatch, name, **{f"Thing{i}": cls})
+        paths[f"{name}.Thing{i}"] = tmp_path / f"t{i}.ckpt"
+        torch.save({"x": cls(), "w": torch.full((3,), float(i))}, paths[f"{name}.Thing{i}"])
+
+    def load(item):
+        name, path = item
+        state = safe_load(path)
+        return type(state["x"]).name == name and float(state["w"][0]) == float(name[7])
+
+    with ThreadPoolExecutor(8) as pool:
+        ok = list(pool.map(load, list(paths.items()) * 25))
+    assert all(ok) and len(ok) == 100
+    assert list(torch.serialization.get_safe_globals()) == before
+
+
+def test_convert_from_s3_leaves_no_local_copy(released, s3_bucket, tmp_path, monkeypatch):
+    import tempfile
+
+    import s3fs
+
+    from pipelines import convert
+
+    path, _ = released
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": os.environ["AWS_ENDPOINT_URL"]})
+    fs.put_file(str(path), f"{s3_bucket}/released/msdm.ckpt")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    out = convert.main(["--input", f"s3://{s3_bucket}/released/msdm.ckpt", "--output",
+                        str(tmp_path / "m.ckpt")])
+    assert out["step"] == 1_634_000 and (tmp_path / "m.ckpt").exists()
+    assert list(scratch.iterdir()) == []  # the downloaded copy is gone
