@@ -14,6 +14,7 @@ import io
 import logging
 import pickle
 import re
+import threading
 from pathlib import Path
 
 import torch
@@ -64,25 +65,32 @@ _STAND_INS = {
 }
 
 
+# torch's allowlist of globals for weights_only loads is process-wide: a load that widens it
+# (below) holds this lock, so two threads never see each other's stand-ins or lose their own
+_ALLOWLIST = threading.Lock()
+
+
 def safe_load(source, map_location="cpu"):
-    """`torch.load(weights_only=True)` that also reads Lightning checkpoints (see module doc)."""
+    """`torch.load(weights_only=True)` that also reads Lightning checkpoints (see module doc).
+    Safe from several threads: the allowlist is widened under a lock."""
     if isinstance(source, bytes):
         source = io.BytesIO(source)
-    try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(source)
-    except Exception:  # not a zip checkpoint: torch.load below gives the error
-        names = []
-    if not isinstance(source, (str, Path)):
-        source.seek(0)
-    allowed = [(_STAND_INS.get(n) or type(n, (Foreign,), {"name": n}), n) for n in names]
-    with torch.serialization.safe_globals(allowed):
+    with _ALLOWLIST:  # what counts as unsafe depends on the allowlist: read both under the lock
         try:
-            return torch.load(source, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError as e:  # keep the reason, drop torch's advice to unpickle
-            boilerplate = ("Weights only", "Please file", "Check the documentation")
-            reason = [ln for ln in str(e).splitlines() if ln.strip()
-                      and not ln.startswith(boilerplate)] or [str(e)]
-            raise pickle.UnpicklingError(f"refused: {reason[0].strip()}") from None
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(source)
+        except Exception:  # not a zip checkpoint: torch.load below gives the error
+            names = []
+        if not isinstance(source, (str, Path)):
+            source.seek(0)
+        allowed = [(_STAND_INS.get(n) or type(n, (Foreign,), {"name": n}), n) for n in names]
+        with torch.serialization.safe_globals(allowed):
+            try:
+                return torch.load(source, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as e:  # keep the reason, drop torch's advice
+                boilerplate = ("Weights only", "Please file", "Check the documentation")
+                reason = [ln for ln in str(e).splitlines() if ln.strip()
+                          and not ln.startswith(boilerplate)] or [str(e)]
+                raise pickle.UnpicklingError(f"refused: {reason[0].strip()}") from None
 
 
 def is_lightning(state) -> bool:

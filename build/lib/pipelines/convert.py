@@ -16,6 +16,7 @@ paper's (22 050 Hz, 262 144 samples) and can be changed with --set (model.* cann
 from __future__ import annotations
 
 import argparse
+import os
 
 from msdm.checkpoint import build_denoiser, check_size, load_state, save
 from msdm.config import load_config
@@ -41,7 +42,12 @@ def main(argv=None) -> dict:
     model_keys = [o for o in args.overrides if o.startswith("model.")]
     if model_keys:
         raise SystemExit(f"--set {model_keys[0]}: the architecture comes from the checkpoint")
-    state = load_state(fetch_local(args.input), stem=args.stem)  # CheckpointError: cli() reports
+    local = fetch_local(args.input)  # a temporary copy of an s3:// input, removed after reading
+    try:
+        state = load_state(local, stem=args.stem)  # CheckpointError: cli() reports it
+    finally:
+        if local != args.input:
+            os.remove(local)
     cfg = load_config(state["config"].to_dict(), args.overrides)
     if args.dry_run:
         print(cfg.to_yaml())

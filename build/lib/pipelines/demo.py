@@ -129,9 +129,8 @@ def main(argv=None) -> Path:
                     "--set", f"train.warmup_steps={steps // 10}")
         ckpt = str(out / "runs" / "demo" / "model.ckpt")
         log(f"[4/7] Tune sweep: {trials} trials of tune_spaces/demo.yaml (validation songs)")
-        space = Path(__file__).resolve().parents[1] / "tune_spaces" / "demo.yaml"
         cluster.run("tune", "--ckpt", ckpt, "--data", str(out / "prepared"), "--space",
-                    str(space), "--num-samples", str(trials), "--storage", str(out / "sweeps"),
+                    "demo", "--num-samples", str(trials), "--storage", str(out / "sweeps"),
                     "--name", "demo", "--max-chunks", "24")
         # the paper's Euler 150 x 2 (300 NFE, 20x the swept sampler's cost) would take longer
         # than the rest of the demo on 2 CPUs: `make bench-quality` scores it

@@ -20,6 +20,7 @@ import time
 import numpy as np
 import torch
 
+from msdm.config import ConfigError
 from msdm.data import COL_TRACK
 from msdm.metrics import summarize
 
@@ -41,7 +42,7 @@ from .common import (
 )
 from .models import load_model, separation_nfe
 from .report import markdown_table, plot_stem_bars
-from .stages import SeparateChunks, read_chunks, score_track
+from .stages import SeparateChunks, no_windows, read_chunks, score_track
 
 
 def build_parser():
@@ -90,7 +91,13 @@ def evaluate_one(ray, args, ckpt, cfg, name: str) -> dict:
         ds = ds.groupby(COL_TRACK).map_groups(
             score_track, batch_format="numpy", fn_kwargs={"sample_rate": cfg.data.sample_rate})
         rows = ds.take_all()
-    windows = torch.tensor(np.array([r["si_sdri"] for r in rows])).reshape(-1, len(cfg.data.stems))
+    scored = [r for r in rows if r["window"] >= 0]
+    if not scored:
+        lengths = {r[COL_TRACK]: r["seconds"] for r in rows}.values()
+        raise ConfigError(f"evaluate [{name}]: " + no_windows(
+            lengths, cfg.data.chunk_samples / cfg.data.sample_rate))
+    windows = torch.tensor(np.array([r["si_sdri"] for r in scored])).reshape(
+        -1, len(cfg.data.stems))
     return {"name": name, "si_sdri": summarize(windows, cfg.data.stems),
             "windows": int(windows.shape[0]), "tracks": len({r[COL_TRACK] for r in rows}),
             "nfe": separation_nfe(cfg), "seconds": time.time() - t0,

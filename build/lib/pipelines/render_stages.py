@@ -17,7 +17,7 @@ import traceback
 import numpy as np
 
 from . import storage
-from .midi import Limits, MidiError
+from .midi import Limits, MidiError, unwrap
 from .rendering import is_finished, relative_source, render_track, split_of, write_track
 from .soundfont import SoundFont, SoundFontError, default_soundfont
 
@@ -58,15 +58,20 @@ def walk_units(batch: dict):
 
 
 def hash_batch(batch: dict) -> dict:
-    """Content md5 of each file ("" and the reason when it cannot be read)."""
+    """Content md5 of each file ("" and the reason when it cannot be read or is not MIDI at all:
+    such files get no track number)."""
     md5s, errors = [], []
     for uri in batch["uri"]:
         try:
-            md5s.append(hashlib.md5(storage.read_bytes(str(uri))).hexdigest())
-            errors.append("")
+            data = storage.read_bytes(str(uri))
         except Exception as e:  # unreadable: a report row, never a dead job
             md5s.append("")
             errors.append(f"cannot read: {type(e).__name__}: {e}")
+            continue
+        head = unwrap(data[:64])[:4]
+        md5s.append(hashlib.md5(data).hexdigest() if head == b"MThd" else "")
+        errors.append("" if head == b"MThd" else "empty file" if not data else
+                      "not a MIDI file (no MThd header)")
     return {"uri": batch["uri"], "md5": np.array(md5s, dtype=object),
             "error": np.array(errors, dtype=object)}
 

@@ -1,11 +1,14 @@
 """Separate a catalog of mixtures into stems with a trained checkpoint (Ray Data batch job).
 
+    msdm separate song.mp3 other.flac some_folder/ --ckpt model.ckpt   # -> separated/model/...
     python -m pipelines.separate --ckpt runs/r1/model.ckpt --input music/ --output stems/
     python -m pipelines.separate --ckpt s3://bkt/runs/r1/model.ckpt --input 's3://bkt/in/*.flac' \
         --output s3://bkt/stems --format flac --actors 8 --gpus-per-actor 1 --batch-size 16
     ray job submit --working-dir . -- python -m pipelines.separate --ckpt s3://... --input ...
 
---input is a folder (recursive), a glob, a .txt/.jsonl manifest or one file; any format soundfile
+Inputs (positional, mixed, and/or --input) are folders (recursive), globs, .txt/.jsonl manifests
+or files; an input that does not exist or holds no audio is named and skipped. Without --output
+stems go to separated/<checkpoint name>/<track>/<stem>.<ext>. Any format soundfile
 decodes (MP3 where libsndfile does), any rate and channel count. Tracks are decoded in blocks and
 cut into segments; the model separates every channel (shared noise) on an actor pool, and the
 same actors complete the stems over the full band at the output rate (soft masks above the
@@ -19,8 +22,10 @@ every --wave-size finished tracks.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+from pathlib import PurePosixPath
 
 from . import storage
 from .assemble import Assembler, output_names
@@ -55,8 +60,11 @@ SUBTYPES = ("PCM_16", "PCM_24", "FLOAT")
 def build_parser():
     p = parser(__doc__)
     p.add_argument("--ckpt", action="append", required=True, help="model.ckpt, or STEM=URI")
-    p.add_argument("--input", required=True, help="folder, glob, .txt/.jsonl manifest or file")
-    p.add_argument("--output", required=True)
+    p.add_argument("inputs", nargs="*", metavar="INPUT",
+                   help="audio files and folders, mixed (with or instead of --input)")
+    p.add_argument("--input", default=None, help="folder, glob, .txt/.jsonl manifest or file")
+    p.add_argument("--output", default=None,
+                   help="stems root (local or s3://; default: separated/<checkpoint name>)")
     p.add_argument("--sampler-config", default=None, help="YAML of sampler keys (best.yaml)")
     p.add_argument("--format", choices=("wav", "flac"), default="wav")
     p.add_argument("--subtype", choices=SUBTYPES, default=None,
@@ -121,11 +129,11 @@ def main(argv=None) -> dict:
         names = output_names(cfg.data.stems, args.stems, args.two_stems)
     except ValueError as e:
         sys.exit(str(e))
-    items = list_inputs(args.input)
-    if dry_run(cfg, args, {"inputs": len(items), "subtype": subtype, "outputs": names}):
+    items = _list_all(args)
+    args.output = args.output or default_output(ckpt)
+    if dry_run(cfg, args, {"inputs": len(items), "subtype": subtype, "outputs": names,
+                           "output": args.output}):
         return {}
-    if not items:
-        sys.exit(f"no audio files found at {args.input}")
     _check_names(items, names, args)
     storage.check_writable(args.output)
     manifest, problems = read_manifest(args.output)
@@ -140,14 +148,18 @@ def main(argv=None) -> dict:
     # it touched, and allocations wander over a larger store as a long track streams through
     args.object_store_mb = args.object_store_mb or max(384, STORE_PER_BUDGET * _budget(args, cfg)
                                                        / (1 << 20))
-    ray = init_ray(args, [args.input, args.output, *ckpt_uris(ckpt)]) if todo else None
+    ray = init_ray(args, [*args.inputs, args.input, args.output, *ckpt_uris(ckpt)]) \
+        if todo else None
     if ray:
         check_actor_cpus(ray, "separate", args.actors, args.gpus_per_actor)
     t0, rows, part = time.time(), list(done_rows), []
+    bar = _bar(len(todo))
     for row in _run(ray, args, ckpt, cfg, subtype, names, todo) if todo else []:
         rows.append(row)
         part.append(row)
-        log(f"  {row['status']:<6} {row['key']} "
+        bar.update(1)
+        (bar.write if bar.enabled else log)(
+            f"  {row['status']:<6} {row['key']} "
             + (f"{row['duration_s']:.1f} s" if row["status"] == "ok" else row["error"]))
         if len(part) >= args.wave_size:
             writer.append(part)  # a crash loses at most --wave-size finished rows
@@ -155,14 +167,59 @@ def main(argv=None) -> dict:
             n = len(rows) - len(done_rows)
             log(f"  {n}/{len(todo)} tracks, {time.time() - t0:.0f} s, "
                 f"ETA {(len(todo) - n) * (time.time() - t0) / n:.0f} s")
+    bar.close()
     writer.append(part)
     manifest = writer.compact()
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed", "skipped")}
     log(f"done in {time.time() - t0:.1f} s: {counts}")
+    log(f"stems in {storage.absolute(args.output)}")
     if rows and counts["failed"] == len(rows):
         raise SystemExit(f"separate: every input failed ({len(rows)}); see "
                          f"{storage.join(args.output, '_manifest.jsonl')}")
     return {"counts": counts, "manifest": manifest}
+
+
+def _list_all(args) -> list[dict]:
+    """Every input of every spec; a spec that does not exist or holds no audio is named on one
+    line and skipped (the others are still separated)."""
+    specs = [*args.inputs, *([args.input] if args.input else [])]
+    if not specs:
+        sys.exit("separate: give audio files or folders (or --input)")
+    items, missing = [], []
+    for spec in specs:
+        try:
+            found = list_inputs(spec)
+        except storage.StorageError as e:
+            found, reason = [], str(e).removeprefix("input ")
+        else:
+            reason = f"{spec}: no audio files"
+        if not found:
+            log(f"separate: skipped {reason}")
+            missing.append(spec)
+        items += found
+    if not items:
+        sys.exit(f"separate: nothing to separate: {', '.join(missing)}")
+    return items
+
+
+def default_output(ckpt) -> str:
+    """separated/<checkpoint name>, as demucs writes separated/<model>: the file's name, or its
+    folder's for a run's model.ckpt (runs/demo/model.ckpt -> separated/demo)."""
+    if isinstance(ckpt, dict):
+        return os.path.join("separated", "isdm")
+    path = PurePosixPath(str(ckpt).rstrip("/"))
+    name = path.parent.name if path.stem in ("model", "best", "last") and path.parent.name \
+        else path.stem
+    return os.path.join("separated", name or "model")
+
+
+def _bar(total: int):
+    """A progress bar over tracks on a terminal (stderr); lines in logs."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="track", desc="separate", disable=None, leave=False)
+    bar.enabled = not bar.disable
+    return bar
 
 
 def _block_bytes(args, cfg) -> int:

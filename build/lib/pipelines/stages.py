@@ -94,11 +94,27 @@ def _column(batch, name):
 
 
 def score_track(group: dict, sample_rate: int) -> dict:
-    """Evaluate stage (map_groups): one track's chunks in order -> its windows' SI-SDRi [W, S]."""
+    """Evaluate stage (map_groups): one track's chunks in order -> its windows' SI-SDRi [W, S],
+    one row per window with the track's length in seconds; a track without a scored window
+    gives one row with window -1 (its length still tells why, see `no_windows`)."""
     order = np.argsort(group[COL_CHUNK])
     est = np.concatenate(list(group["est"][order]), axis=-1)  # [S, T]
     ref = np.concatenate(list(group["ref"][order]), axis=-1)
     w = windowed_si_sdri(torch.from_numpy(est), torch.from_numpy(ref), sample_rate).numpy()
-    n = w.shape[0]
-    return {COL_TRACK: np.array([group[COL_TRACK][0]] * n, dtype=object),
-            "window": np.arange(n), "si_sdri": w}
+    n, seconds = w.shape[0], ref.shape[-1] / sample_rate
+    if n == 0:
+        w, index = np.zeros((1, ref.shape[0])), np.array([-1])
+    else:
+        index = np.arange(n)
+    return {COL_TRACK: np.array([group[COL_TRACK][0]] * len(index), dtype=object),
+            "window": index, "si_sdri": w, "seconds": np.full(len(index), seconds)}
+
+
+def no_windows(seconds, chunk_seconds: float) -> str:
+    """Why no window was scored, with the fix: the tracks' lengths against the protocol's."""
+    seconds = list(seconds)
+    span = f"{min(seconds):.1f}-{max(seconds):.1f} s" if seconds else "none"
+    return (f"no window was scored: the paper's protocol scores 4 s windows with a 2 s hop, "
+            f"each with at least two active stems, so a track must be longer than 2 s; the "
+            f"{len(seconds)} track(s) here are {span} long (chunks of {chunk_seconds:.2f} s). "
+            "Score whole tracks (--max-chunks 0) or more chunks per track, or longer tracks")

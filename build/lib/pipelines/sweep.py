@@ -51,9 +51,12 @@ def trial_metrics(est: torch.Tensor, val: dict, cfg: Config, cost_per_nfe: float
             sel = val["track_id"] == t
             group = {"track_id": val["track_id"][sel], "chunk_index": val["chunk_index"][sel],
                      "est": est.numpy()[sel], "ref": np.asarray(val["x"])[sel]}
-            per_track.append(score_track(group, cfg.data.sample_rate)["si_sdri"])
+            scored = score_track(group, cfg.data.sample_rate)
+            per_track.append(scored["si_sdri"][scored["window"] >= 0])
         w = torch.from_numpy(np.concatenate(per_track)).reshape(-1, len(cfg.data.stems))
         scores, windows, diverged = summarize(w, cfg.data.stems), int(w.shape[0]), 0
+        if not windows:  # all windows silent but one stem: never NaN, the lowest score
+            scores = {s: DIVERGED_DB for s in (*cfg.data.stems, "all")}
     return {"si_sdri": scores["all"], "nfe": k, "windows": windows, "diverged": diverged,
             "score": scores["all"] - cost_per_nfe * k,
             **{f"si_sdri_{s}": scores[s] for s in cfg.data.stems}}

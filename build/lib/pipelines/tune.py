@@ -19,9 +19,11 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from msdm.config import ConfigError, config_keys
+from msdm.metrics import window_starts
 
 from . import storage, tracking
 from .common import (
@@ -38,7 +40,7 @@ from .common import (
 )
 from .models import load_model
 from .report import plot_nfe
-from .stages import read_chunks
+from .stages import no_windows, read_chunks
 from .sweep import sweep_trial
 
 KINDS = ("choice", "uniform", "loguniform", "randint", "quniform")
@@ -136,6 +138,7 @@ def main(argv=None) -> dict:
     if not track.tensorboard:  # Tune adds its TensorBoard logger unless told not to
         os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     val = read_chunks(storage.join(args.data, args.split), cfg.data.stems, args.max_chunks)
+    _check_windows(val, cfg)
     sweep_uri = storage.join(args.storage, args.name)
     ray = init_ray(args, [args.storage, *ckpt_uris(ckpt)])
     from ray import tune
@@ -170,6 +173,17 @@ def main(argv=None) -> dict:
             f"{concurrent} at once -> {sweep_uri}")
     grid = tuner.fit()
     return _write_outputs(grid, spec, sweep_uri, metric, mode)
+
+
+def _check_windows(val: dict, cfg) -> None:
+    """Every trial would score nothing (and report no number) when no track of the chunks read
+    is long enough for one window of the protocol: say so before Ray starts."""
+    tracks, counts = np.unique(val["track_id"], return_counts=True)
+    samples = [int(n) * cfg.data.chunk_samples for n in counts]
+    sr = cfg.data.sample_rate
+    if not any(window_starts(n, round(4.0 * sr), round(2.0 * sr)) for n in samples):
+        raise ConfigError("tune: " + no_windows([n / sr for n in samples],
+                                                cfg.data.chunk_samples / sr))
 
 
 def _progress(tune, total: int):
