@@ -262,6 +262,8 @@ def main(argv=None):
                          "default SoundFont; never trained or swept on)")
     ap.add_argument("--real-excerpt", type=float, default=12.0,
                     help="seconds scored of each real song, from 30 %% of its length")
+    ap.add_argument("--real-tracks", type=int, default=24,
+                    help="real songs scored (the first N in track order; 0 = all)")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
     if not args.reuse:
@@ -373,7 +375,7 @@ def real_rows(out: Path, args, ckpt: Path, reg: Path) -> dict:
     if not (data / "_report.json").exists():
         job("render", "--midi", args.real_midi, "--output", str(out / "real-slakh"))
         songs = excerpt_tree(str(out / "real-slakh"), str(out / "real-excerpts"),
-                             args.real_excerpt, split="test")
+                             args.real_excerpt, args.real_tracks, split="test")
         print(f"{songs} real songs, {args.real_excerpt:g} s each", flush=True)
         job("prepare", "--input", str(out / "real-excerpts"), "--output", str(data), "--config",
             "small")

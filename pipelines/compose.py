@@ -116,9 +116,10 @@ class Song:
                                         _pick(rng, (0, 8, 16, 24, 25, 32, 40, 48))), DRUMS,
                            self.style),
                       Part("bass", prog(basses, 32), next(channels), self.style)]
-        if rng.random() < 0.9:
+        # drums play nearly always, keys are often left out (General MIDI pop and rock)
+        if rng.random() < 0.8:
             self.parts.append(Part("guitar", prog(guitars, 24), next(channels), self.style))
-        if rng.random() < 0.85:
+        if rng.random() < 0.65:
             self.parts.append(Part("piano", prog(pianos, 0), next(channels), self.style))
         for role, lo, p in (("guitar", 24, 0.3), ("piano", 0, 0.2)):  # a second of a class
             if rng.random() < p:
@@ -398,8 +399,8 @@ def play_extra(song: Song, p: Part, section: dict) -> None:
 
 def _plays(song: Song, part: Part, section: dict) -> bool:
     rng, intro = song.rng, section["name"] in ("intro", "outro")
-    chance = {"drums": 0.55 if intro else 0.92, "bass": 0.6 if intro else 0.92,
-              "extra": 0.55}.get(part.role, 0.65 if intro else 0.85)
+    chance = {"drums": 0.7 if intro else 0.97, "bass": 0.6 if intro else 0.92,
+              "extra": 0.55}.get(part.role, 0.55 if intro else 0.8)
     return rng.random() < chance
 
 

@@ -104,8 +104,9 @@ def build_report(out: Path, minutes: float, sample_rate: int, preset: str) -> Pa
     verdict = _verdict(swept["si_sdri"])
     lines = [
         "# msdm demo report", "",
-        f"Generated data -> prepare -> train (`{preset}` preset) -> Tune -> evaluate -> separate, "
-        f"on a local Ray cluster, in {minutes:.1f} min.", "",
+        f"Songs played by sampled instruments (composed General MIDI through the GM SoundFont, "
+        f"or your MIDI with `--midi`) -> prepare -> train (`{preset}` preset) -> Tune -> "
+        f"evaluate -> separate, on a local Ray cluster, in {minutes:.1f} min.", "",
         "## Separation quality (windowed SI-SDRi, dB; held-out test songs)", "",
         markdown_table(results["configs"], STEMS),
         "`checkpoint sampler` is the preset's own sampler, `best` the best of the Tune sweep "
@@ -116,7 +117,7 @@ def build_report(out: Path, minutes: float, sample_rate: int, preset: str) -> Pa
         "## Sampler sweep", "",
         f"{len(trials)} trials; best settings: `{json.dumps(best)}`", "",
         "![SI-SDRi vs NFE](si_sdri_vs_nfe.png)", "",
-        f"## One separation: {track}", "", *_stem_table(rows), "",
+        f"## One separation: {track}", "", *_instruments(out, track), *_stem_table(rows), "",
         "![waveforms and spectrograms](separation.png)", "",
         "Listen: `report.html` beside this file plays the mixture, the references and the "
         "estimates; the files are in `audio/`.",
@@ -124,6 +125,18 @@ def build_report(out: Path, minutes: float, sample_rate: int, preset: str) -> Pa
     (rep / "REPORT.md").write_text("\n".join(lines) + "\n")
     (rep / "report.html").write_text(_html(track, audio, rows, results, verdict))
     return rep / "REPORT.md"
+
+
+def _instruments(out: Path, track: str) -> list[str]:
+    """The track's instruments as its metadata.yaml names them (program and SoundFont preset)."""
+    for root in ("slakh", "rendered"):
+        for meta in (out / root).glob(f"*/{track}/metadata.yaml"):
+            stems = yaml.safe_load(meta.read_text()).get("stems", {})
+            played = [f"{v['midi_program_name']} ({v['plugin_name']})" for v in stems.values()
+                      if v.get("audio_rendered")]
+            return [f"The song's instruments (the mixture holds the bass, drums, guitar and piano "
+                    f"classes; the others are left out, as in Slakh): {'; '.join(played)}.", ""]
+    return []
 
 
 def _verdict(scores: dict) -> str:
