@@ -109,9 +109,9 @@ def build_report(out: Path, minutes: float, sample_rate: int, preset: str) -> Pa
         f"evaluate -> separate, on a local Ray cluster, in {minutes:.1f} min.", "",
         "## Separation quality (windowed SI-SDRi, dB; held-out test songs)", "",
         markdown_table(results["configs"], STEMS),
-        "`checkpoint sampler` is the preset's own sampler, `best` the best of the Tune sweep "
-        "(chosen on the validation songs, never on these). The paper's Euler 150 x 2 sampler "
-        "(300 NFE) is scored by `make bench-quality`.", "", verdict, "",
+        "`best` is the best sampler of the Tune sweep (chosen on the validation songs, never on "
+        "these). The preset's own sampler and the paper's Euler 150 x 2 (300 NFE) are scored "
+        "by `make bench-quality`.", "", verdict, "",
         "![SI-SDRi per stem](si_sdri.png)", "",
         "## Training", "", "![loss curve](loss.png)", "",
         "## Sampler sweep", "",

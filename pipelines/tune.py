@@ -81,6 +81,12 @@ def load_space(path: str) -> dict:
     for key, dist in spec["space"].items():
         if isinstance(dist, dict) and (len(dist) != 1 or next(iter(dist)) not in KINDS):
             raise ConfigError(f"{path}: {key}: expected one of {KINDS} or a plain value")
+    points = spec.get("points_to_evaluate") or []
+    swept = {k for k, d in spec["space"].items() if isinstance(d, dict)}
+    for point in points:  # first trials (known-good settings): every swept key, nothing else
+        if not isinstance(point, dict) or set(point) != swept:
+            raise ConfigError(f"{path}: each of points_to_evaluate must set exactly the swept "
+                              f"keys {sorted(swept)}")
     return spec
 
 
@@ -160,7 +166,8 @@ def main(argv=None) -> dict:
                                    storage_filesystem=fs)
     else:
         searcher = HyperOptSearch(n_initial_points=max(2, min(10, num_samples // 3)),
-                                  random_state_seed=args.seed)
+                                  random_state_seed=args.seed,
+                                  points_to_evaluate=spec.get("points_to_evaluate"))
         tuner = tune.Tuner(
             trainable, param_space=to_tune(spec["space"]),
             tune_config=tune.TuneConfig(

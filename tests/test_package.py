@@ -4,6 +4,7 @@ venv in another folder, runs `msdm` with its presets, search spaces and song gen
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -18,9 +19,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow(seconds=60)
 def test_the_wheel_installs_and_msdm_runs_outside_the_checkout(tmp_path, tiny_unet_ckpt):
-    dist = tmp_path / "dist"
+    dist, src = tmp_path / "dist", tmp_path / "src"
+    # a copy: a build writes build/ and *.egg-info next to the sources
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
+        "demo_out", "bench_out", "runs", "data"))
     build = subprocess.run([sys.executable, "-m", "build", "--wheel", "--sdist",
-                            "--no-isolation", "--outdir", str(dist), str(ROOT)],
+                            "--no-isolation", "--outdir", str(dist), str(src)],
                            capture_output=True, text=True)
     assert build.returncode == 0, build.stderr[-2000:]
     wheel = next(dist.glob("msdm-*.whl"))
