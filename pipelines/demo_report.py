@@ -112,6 +112,9 @@ def build_report(out: Path, minutes: float, sample_rate: int, preset: str) -> Pa
         "`best` is the best sampler of the Tune sweep (chosen on the validation songs, never on "
         "these). The preset's own sampler and the paper's Euler 150 x 2 (300 NFE) are scored "
         "by `make bench-quality`.", "", verdict, "",
+        "These are composed songs; `python benchmarks/demo_heldout.py --demo DEMO_OUT --midi "
+        "DIR --excerpt 12` scores the same model and sampler on real MIDI songs (README, \"What "
+        "`make demo` shows\").", "",
         "![SI-SDRi per stem](si_sdri.png)", "",
         "## Training", "", "![loss curve](loss.png)", "",
         "## Sampler sweep", "",

@@ -124,6 +124,10 @@ def test_bad_space_is_rejected(tmp_path):
     bad.write_text("space:\n  sampler.s_churn: {gaussian: [0, 1]}\n")
     with pytest.raises(ValueError, match="expected one of"):
         tune.load_space(str(bad))
+    bad.write_text("space:\n  sampler.s_churn: {uniform: [0, 1]}\n  sampler.num_steps: 4\n"
+                   "points_to_evaluate:\n  - {sampler.num_steps: 5}\n")
+    with pytest.raises(ValueError, match="exactly the swept keys"):
+        tune.load_space(str(bad))
 
 
 def test_read_chunks_limit_zero_reads_the_whole_split(synth_prepared):
