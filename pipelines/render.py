@@ -28,6 +28,9 @@ from .common import cli, init_ray, log, write_json
 from .midi import Limits
 from .soundfont import SoundFontError
 
+# sorted rows the driver numbers at a time: its memory is this batch, whatever the file count
+NUMBER_BATCH = 1024
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -72,8 +75,8 @@ def number_tracks(ray, args, index_uri: str) -> rs.Numbering:
     ds = ray.data.from_items(units, override_num_blocks=len(units))
     ds = ds.map_batches(rs.walk_units, batch_size=1).map_batches(rs.hash_batch, batch_size=32)
     numbering = rs.Numbering()
-    for part, batch in enumerate(ds.sort(["md5", "uri"]).iter_batches(batch_size=4096,
-                                                                     batch_format="numpy")):
+    for part, batch in enumerate(ds.sort(["md5", "uri"]).iter_batches(
+            batch_size=NUMBER_BATCH, batch_format="numpy")):
         rows = numbering.add(batch)
         if rows["md5"]:
             buf = pa.BufferOutputStream()
@@ -97,8 +100,9 @@ def check_output(args, run: dict) -> None:
                          f"{', '.join(diff)} ({uri}); render into a new --output")
 
 
-def render(ray, args, index_uri: str, total: int, opts: dict) -> list[dict]:
-    """Render every index row; print progress; return the result rows."""
+def render(ray, args, index_uri: str, total: int, opts: dict) -> tuple:
+    """Render every index row; print progress. Returns (report rows, counts by status, audio
+    seconds, CPU seconds spent in the render tasks)."""
     fs, path = storage.pyarrow_fs(index_uri)
     ds = ray.data.read_parquet(path, filesystem=fs)
     if args.limit > 0:
@@ -109,10 +113,11 @@ def render(ray, args, index_uri: str, total: int, opts: dict) -> list[dict]:
     ds = ds.repartition(target_num_rows_per_block=max(1, args.tracks_per_task))
     ds = ds.map_batches(rs.render_batch, batch_size=max(1, args.tracks_per_task),
                         fn_kwargs=kwargs, batch_format="numpy")
-    rows, counts, audio, t0, shown = [], {}, 0.0, time.time(), 0.0
+    rows, counts, audio, cpu, t0, shown = [], {}, 0.0, 0.0, time.time(), 0.0
     for row in ds.iter_rows():
         counts[row["status"]] = counts.get(row["status"], 0) + 1
         audio += row["seconds"]
+        cpu += row["cpu"]
         if row["status"] == "failed":
             rows.append({"source": row["source"], "track": row["track"], "status": "failed",
                          "reason": row["reason"]})
@@ -125,7 +130,7 @@ def render(ray, args, index_uri: str, total: int, opts: dict) -> list[dict]:
             log(f"  {done}/{total} tracks ({counts.get('failed', 0)} failed, "
                 f"{counts.get('finished', 0)} finished before), {audio / 3600:.2f} h of audio, "
                 f"ETA {(total - done) / max(rate, 1e-9) / 60:.1f} min")
-    return rows, counts, audio
+    return rows, counts, audio, cpu
 
 
 def main(argv=None) -> dict:
@@ -158,13 +163,14 @@ def main(argv=None) -> dict:
             storage.move(staging, storage.join(args.output, "_index"))
     finally:
         storage.remove(staging)
-    rows, counts, audio = [], {}, 0.0
+    rows, counts, audio, cpu = [], {}, 0.0, 0.0
     if numbering.count:
         write_json(storage.join(args.output, "_render.json"), run)
-        rows, counts, audio = render(ray, args, storage.join(args.output, "_index"),
-                                     numbering.count, opts)
+        rows, counts, audio, cpu = render(ray, args, storage.join(args.output, "_index"),
+                                          numbering.count, opts)
     report = {"midi": args.midi, "output": args.output, "files": numbering.files,
               "tracks": numbering.count, "counts": counts, "audio_hours": audio / 3600,
+              "render_cpu_seconds": cpu,
               **opts, "rows": numbering.rows + rows}
     write_json(storage.join(args.output, "_report.json"), report)
     log(f"wrote {counts.get('rendered', 0)} tracks ({audio / 3600:.2f} h), "
