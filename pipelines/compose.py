@@ -443,10 +443,16 @@ def compose(seed: int, seconds: float) -> bytes:
                     play_bass(song, part, bar, section["level"])
                 else:
                     play_chords(song, part, bar, section["level"])
-    midi = mido.MidiFile(type=1, ticks_per_beat=TPB)
-    for events in [tempo_events] + [p.events for p in song.parts]:
+    return midi_bytes([[(tick, msg) for tick, _, msg in sorted(events, key=lambda e: e[:2])]
+                       for events in [tempo_events] + [p.events for p in song.parts]], TPB)
+
+
+def midi_bytes(tracks, ticks_per_beat: int) -> bytes:
+    """A type-1 Standard MIDI File of `tracks`, each a time-ordered list of (tick, message)."""
+    midi = mido.MidiFile(type=1, ticks_per_beat=ticks_per_beat)
+    for events in tracks:
         track, prev = mido.MidiTrack(), 0
-        for tick, _, msg in sorted(events, key=lambda e: (e[0], e[1])):
+        for tick, msg in events:
             track.append(msg.copy(time=tick - prev))
             prev = tick
         midi.tracks.append(track)

@@ -20,6 +20,7 @@ import soundfile as sf
 import yaml
 
 from pipelines import prepare, render
+from pipelines.compose import midi_bytes
 from pipelines.midi import Limits, MidiError, instrument_midi, parse
 from pipelines.rendering import (
     content_hash,
@@ -36,19 +37,8 @@ SR = 22050
 
 def midi_file(*tracks, tempo=500_000, tpb=TPB) -> bytes:
     """A type-1 file: a tempo track, then one track per list of (tick, message)."""
-    m = mido.MidiFile(type=1, ticks_per_beat=tpb)
-    head = mido.MidiTrack()
-    head.append(mido.MetaMessage("set_tempo", tempo=tempo))
-    m.tracks.append(head)
-    for events in tracks:
-        track, prev = mido.MidiTrack(), 0
-        for tick, msg in sorted(events, key=lambda e: e[0]):
-            track.append(msg.copy(time=tick - prev))
-            prev = tick
-        m.tracks.append(track)
-    buf = io.BytesIO()
-    m.save(file=buf)
-    return buf.getvalue()
+    head = [(0, mido.MetaMessage("set_tempo", tempo=tempo))]
+    return midi_bytes([head, *(sorted(ev, key=lambda e: e[0]) for ev in tracks)], tpb)
 
 
 def notes(channel, program, keys, start=0.0, step=0.25, length=0.2, velocity=100):
