@@ -97,3 +97,41 @@ def test_msdm_command_lists_the_jobs_and_runs_them(tmp_path, capsys):
                           str(tmp_path / "missing"), "--output", str(tmp_path / "p")], cwd=ROOT,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("msdm prepare: error: ")
+
+
+@pytest.mark.slow(seconds=20)
+def test_separate_takes_files_and_folders_mixed_and_skips_what_is_missing(
+        ray_local, tmp_path, tiny_unet_ckpt, monkeypatch, capsys):
+    """`msdm separate a.wav folder/ missing.wav empty/`: the missing path and the folder with no
+    audio are named on one line each, the unreadable file is a failed row, the good files are
+    separated under separated/<checkpoint name>/ (the working directory's), ending with where."""
+    monkeypatch.chdir(tmp_path)
+    sf.write(tmp_path / "a.wav", _song(1.0), 44100)
+    (tmp_path / "folder" / "deeper").mkdir(parents=True)
+    sf.write(tmp_path / "folder" / "deeper" / "b.flac", _song(1.2, seed=1), 44100)
+    (tmp_path / "folder" / "broken.wav").write_bytes(b"RIFF" + bytes(40))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not audio")
+    res = separate.main(["a.wav", "folder", "missing.wav", "empty", "--ckpt",
+                         str(tiny_unet_ckpt)])
+    text = capsys.readouterr().out
+    assert res["counts"] == {"ok": 2, "failed": 1, "skipped": 0}
+    assert "skipped missing.wav" in text and "skipped empty: no audio files" in text
+    out = tmp_path / "separated" / "tiny"
+    assert f"stems in {out}" in text
+    for track, seconds in (("a", 1.0), ("b", 1.2)):
+        stems = sorted(p.name for p in (out / track).glob("*.wav"))
+        assert stems == ["bass.wav", "drums.wav", "guitar.wav", "piano.wav"]
+        y, rate = sf.read(out / track / "bass.wav", always_2d=True)
+        assert rate == 44100 and y.shape == (int(seconds * 44100), 2)
+    row = res["manifest"][str(tmp_path / "folder" / "broken.wav")]
+    assert row["status"] == "failed" and row["error"]
+    with pytest.raises(SystemExit, match="nothing to separate: missing.wav, empty"):
+        separate.main(["missing.wav", "empty", "--ckpt", str(tiny_unet_ckpt)])
+
+
+def test_default_output_is_named_after_the_checkpoint():
+    assert separate.default_output("runs/demo/model.ckpt") == "separated/demo"
+    assert separate.default_output("ckpts/epoch=419.ckpt") == "separated/epoch=419"
+    assert separate.default_output("s3://b/exp/last.ckpt") == "separated/exp"
+    assert separate.default_output("model.ckpt") == "separated/model"
