@@ -1,6 +1,7 @@
 """Quality benchmark: does the whole pipeline learn to separate, and which samplers are cheap?
 
     make bench-quality   # = python benchmarks/bench_quality.py  (~1 h 30 min, 2 CPUs, 2026-11-28)
+    make bench-quality ARGS="--real-midi DIR"   # + real songs (1 h 45 min in all, 2026-12-07)
     make bench-quality ARGS=--isdm   # + four ISDM priors (~38 min more)
 
 Fixed benchmark (seeds fixed): 60 generated Slakh-format songs of 20 s (`pipelines.synth --seed
