@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longer files are reported, not rendered")
     p.add_argument("--max-instruments", type=int, default=d.max_instruments)
     p.add_argument("--limit", type=int, default=0, help="render the first N tracks only (0: all)")
-    p.add_argument("--tracks-per-task", type=int, default=1, help="tracks per Ray task")
+    p.add_argument("--tracks-per-task", type=int, default=4,
+                   help="tracks per Ray task (fewer tasks: less scheduling per track)")
     g = p.add_argument_group("cluster")
     g.add_argument("--address", default=None,
                    help="Ray cluster address (default: RAY_ADDRESS, else a new local cluster)")
@@ -102,7 +103,7 @@ def check_output(args, run: dict) -> None:
 
 def render(ray, args, index_uri: str, total: int, opts: dict) -> tuple:
     """Render every index row; print progress. Returns (report rows, counts by status, audio
-    seconds, CPU seconds spent in the render tasks)."""
+    seconds, (CPU, wall) seconds spent rendering tracks in the tasks))."""
     fs, path = storage.pyarrow_fs(index_uri)
     ds = ray.data.read_parquet(path, filesystem=fs)
     if args.limit > 0:
@@ -113,11 +114,12 @@ def render(ray, args, index_uri: str, total: int, opts: dict) -> tuple:
     ds = ds.repartition(target_num_rows_per_block=max(1, args.tracks_per_task))
     ds = ds.map_batches(rs.render_batch, batch_size=max(1, args.tracks_per_task),
                         fn_kwargs=kwargs, batch_format="numpy")
-    rows, counts, audio, cpu, t0, shown = [], {}, 0.0, 0.0, time.time(), 0.0
+    rows, counts, audio, cpu, busy, t0, shown = [], {}, 0.0, 0.0, 0.0, time.time(), 0.0
     for row in ds.iter_rows():
         counts[row["status"]] = counts.get(row["status"], 0) + 1
         audio += row["seconds"]
         cpu += row["cpu"]
+        busy += row["wall"]
         if row["status"] == "failed":
             rows.append({"source": row["source"], "track": row["track"], "status": "failed",
                          "reason": row["reason"]})
@@ -130,7 +132,7 @@ def render(ray, args, index_uri: str, total: int, opts: dict) -> tuple:
             log(f"  {done}/{total} tracks ({counts.get('failed', 0)} failed, "
                 f"{counts.get('finished', 0)} finished before), {audio / 3600:.2f} h of audio, "
                 f"ETA {(total - done) / max(rate, 1e-9) / 60:.1f} min")
-    return rows, counts, audio, cpu
+    return rows, counts, audio, (cpu, busy)
 
 
 def main(argv=None) -> dict:
@@ -163,14 +165,14 @@ def main(argv=None) -> dict:
             storage.move(staging, storage.join(args.output, "_index"))
     finally:
         storage.remove(staging)
-    rows, counts, audio, cpu = [], {}, 0.0, 0.0
+    rows, counts, audio, (cpu, busy) = [], {}, 0.0, (0.0, 0.0)
     if numbering.count:
         write_json(storage.join(args.output, "_render.json"), run)
-        rows, counts, audio, cpu = render(ray, args, storage.join(args.output, "_index"),
+        rows, counts, audio, (cpu, busy) = render(ray, args, storage.join(args.output, "_index"),
                                           numbering.count, opts)
     report = {"midi": args.midi, "output": args.output, "files": numbering.files,
               "tracks": numbering.count, "counts": counts, "audio_hours": audio / 3600,
-              "render_cpu_seconds": cpu,
+              "render_cpu_seconds": cpu, "render_task_seconds": busy,
               **opts, "rows": numbering.rows + rows}
     write_json(storage.join(args.output, "_report.json"), report)
     log(f"wrote {counts.get('rendered', 0)} tracks ({audio / 3600:.2f} h), "

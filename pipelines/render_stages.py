@@ -159,10 +159,12 @@ def render_batch(batch: dict, *, output: str, midi_root: str, soundfonts: list[s
     Returns one result row per track: status rendered / finished / failed, reason, notes."""
     fonts = load_soundfonts(soundfonts)
     lim = Limits(**limits)
-    cols = {k: [] for k in ("track", "source", "status", "reason", "notes", "seconds", "cpu")}
+    cols = {k: [] for k in ("track", "source", "status", "reason", "notes", "seconds", "cpu",
+                            "wall")}
     for md5, uri, track in zip(batch["md5"], batch["source"], batch["track"]):
         folder = storage.join(output, *str(track).split("/"))
-        t0, status, reason, notes, seconds = time.process_time(), "rendered", "", [], 0.0
+        t0, w0 = time.process_time(), time.perf_counter()
+        status, reason, notes, seconds = "rendered", "", [], 0.0
         try:
             if is_finished(folder):
                 status = "finished"
@@ -180,7 +182,8 @@ def render_batch(batch: dict, *, output: str, midi_root: str, soundfonts: list[s
                                         f"({posixpath.basename(where.filename)}:{where.lineno})")
         for key, value in (("track", str(track)), ("source", str(uri)), ("status", status),
                            ("reason", reason), ("notes", "\n".join(notes)),
-                           ("seconds", seconds), ("cpu", time.process_time() - t0)):
+                           ("seconds", seconds), ("cpu", time.process_time() - t0),
+                           ("wall", time.perf_counter() - w0)):
             cols[key].append(value)
-    return {k: np.array(v, dtype=object if k not in ("seconds", "cpu") else np.float64)
+    return {k: np.array(v, dtype=object if k not in ("seconds", "cpu", "wall") else np.float64)
             for k, v in cols.items()}
