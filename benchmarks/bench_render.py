@@ -42,8 +42,15 @@ def composed(folder: Path, songs: int, seconds: float) -> Path:
     return folder
 
 
-def _render_files(files: list[str], out: str, sample_rate: int, start: int) -> float:
-    """Read, render and write `files` (tracks numbered from `start`); the audio seconds."""
+def midi_files(midi: Path) -> list[str]:
+    """The files the job would list (its extensions, any case), in sorted order."""
+    from pipelines.render_stages import MIDI_EXTENSIONS
+
+    return sorted(str(f) for f in midi.rglob("*") if f.name.lower().endswith(MIDI_EXTENSIONS))
+
+
+def _render_files(files: list[str], out: str, sample_rate: int) -> float:
+    """Read, render and write `files` into `out`/TrackNNNNN; the audio seconds."""
     from pipelines.render_stages import load_soundfonts
     from pipelines.rendering import render_track, write_track
 
@@ -53,30 +60,29 @@ def _render_files(files: list[str], out: str, sample_rate: int, start: int) -> f
             r = render_track(Path(f).read_bytes(), Path(f).name, fonts, sample_rate=sample_rate)
         except ValueError:  # a bad file costs its parse, as in the job
             continue
-        write_track(r, str(Path(out) / f"Track{start + i:05d}"))
+        write_track(r, str(Path(out) / f"Track{i:05d}"))
         audio += r.seconds
     return audio
 
 
-def loop(midi: Path, out: Path, sample_rate: int) -> tuple[float, float]:
+def loop(files: list[str], out: Path, sample_rate: int) -> tuple[float, float]:
     """(audio seconds, CPU seconds) of read + render + write, one process."""
-    files = [str(f) for f in sorted(midi.rglob("*.mid*"))]
     t0 = time.process_time()
-    audio = _render_files(files, str(out), sample_rate, 0)
+    audio = _render_files(files, str(out), sample_rate)
     return audio, time.process_time() - t0
 
 
-def parallel_loop(midi: Path, out: Path, sample_rate: int, procs: int) -> tuple[float, float]:
+def parallel_loop(files: list[str], out: Path, sample_rate: int,
+                  procs: int) -> tuple[float, float]:
     """(audio seconds, wall x procs) of the same loop in `procs` plain processes (no Ray): what
     this machine's CPUs give in parallel, before any scheduler."""
     from concurrent.futures import ProcessPoolExecutor
 
-    files = [str(f) for f in sorted(midi.rglob("*.mid*"))]
     shares = [files[k::procs] for k in range(procs)]
     t0 = time.perf_counter()
     with ProcessPoolExecutor(procs) as pool:
-        audio = sum(pool.map(_render_files, shares, [str(out)] * procs, [sample_rate] * procs,
-                             [100000 * k for k in range(procs)]))
+        audio = sum(pool.map(_render_files, shares, [str(out / f"p{k}") for k in range(procs)],
+                             [sample_rate] * procs))
     return audio, (time.perf_counter() - t0) * procs
 
 
@@ -117,9 +123,10 @@ def main(argv=None):
     try:
         midi = Path(args.midi) if args.midi else composed(work / "midi", args.songs,
                                                            args.seconds)
-        audio_loop, cpu_loop = loop(midi, work / "loop", args.sample_rate)
+        files = midi_files(midi)
+        audio_loop, cpu_loop = loop(files, work / "loop", args.sample_rate)
         base = audio_loop / cpu_loop
-        audio_par, cpu_par = parallel_loop(midi, work / "loop-par", args.sample_rate, args.cpus)
+        audio_par, cpu_par = parallel_loop(files, work / "loop-par", args.sample_rate, args.cpus)
 
         import ray
 

@@ -94,10 +94,10 @@ def main(argv=None) -> Path:
     out = Path(args.output).resolve()
     q = args.quick
     rate = load_config(PRESET).data.sample_rate
-    # full: 30 songs (22 train, 4 validation for the sweep, 4 held-out test) and 5-8.5 min of
-    # training with 2 torch threads (the train split sits in the object store: Ray Data idles);
-    # batch 4 (the preset's): 1800 steps cost what 1000 batch-8 steps did
-    # 120 songs (84 train): on real songs +0.15 dB over 30 at the same steps (2026-12-07)
+    # full: 120 songs (84 train, 18 validation for the sweep, 18 held-out test; on real songs
+    # +0.15 dB over 30 at the same steps, 2026-12-07) and ~4.5 min of training with 2 torch
+    # threads (the train split sits in the object store: Ray Data idles); batch 4 (the
+    # preset's): 1800 steps cost what 1000 batch-8 steps did
     tracks, seconds, steps = (8, 9, 200) if q else (120, 16, 1800)
     tracks, seconds, steps = args.songs or tracks, args.song_seconds or seconds, args.steps or steps
     trials, eval_chunks = (2, 12) if q else (8, 0)

@@ -30,6 +30,7 @@ from .soundfont import SoundFontError
 
 # sorted rows the driver numbers at a time: its memory is this batch, whatever the file count
 NUMBER_BATCH = 1024
+TOTALS = ("seconds", "cpu", "wall")  # summed over the render tasks' result rows
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,8 +103,8 @@ def check_output(args, run: dict) -> None:
 
 
 def render(ray, args, index_uri: str, total: int, opts: dict) -> tuple:
-    """Render every index row; print progress. Returns (report rows, counts by status, audio
-    seconds, (CPU, wall) seconds spent rendering tracks in the tasks))."""
+    """Render every index row; print progress. Returns (report rows, counts by status, totals:
+    audio seconds and the CPU and wall seconds spent rendering tracks in the tasks)."""
     fs, path = storage.pyarrow_fs(index_uri)
     ds = ray.data.read_parquet(path, filesystem=fs)
     if args.limit > 0:
@@ -114,12 +115,12 @@ def render(ray, args, index_uri: str, total: int, opts: dict) -> tuple:
     ds = ds.repartition(target_num_rows_per_block=max(1, args.tracks_per_task))
     ds = ds.map_batches(rs.render_batch, batch_size=max(1, args.tracks_per_task),
                         fn_kwargs=kwargs, batch_format="numpy")
-    rows, counts, audio, cpu, busy, t0, shown = [], {}, 0.0, 0.0, 0.0, time.time(), 0.0
+    rows, counts, t0, shown = [], {}, time.time(), 0.0
+    totals = dict.fromkeys(TOTALS, 0.0)
     for row in ds.iter_rows():
         counts[row["status"]] = counts.get(row["status"], 0) + 1
-        audio += row["seconds"]
-        cpu += row["cpu"]
-        busy += row["wall"]
+        for key in totals:
+            totals[key] += row[key]
         if row["status"] == "failed":
             rows.append({"source": row["source"], "track": row["track"], "status": "failed",
                          "reason": row["reason"]})
@@ -130,9 +131,10 @@ def render(ray, args, index_uri: str, total: int, opts: dict) -> tuple:
         if time.time() - shown > 10 or done == total:
             shown, rate = time.time(), done / max(time.time() - t0, 1e-6)
             log(f"  {done}/{total} tracks ({counts.get('failed', 0)} failed, "
-                f"{counts.get('finished', 0)} finished before), {audio / 3600:.2f} h of audio, "
+                f"{counts.get('finished', 0)} finished before), "
+                f"{totals['seconds'] / 3600:.2f} h of audio, "
                 f"ETA {(total - done) / max(rate, 1e-9) / 60:.1f} min")
-    return rows, counts, audio, (cpu, busy)
+    return rows, counts, totals
 
 
 def main(argv=None) -> dict:
@@ -165,14 +167,15 @@ def main(argv=None) -> dict:
             storage.move(staging, storage.join(args.output, "_index"))
     finally:
         storage.remove(staging)
-    rows, counts, audio, (cpu, busy) = [], {}, 0.0, (0.0, 0.0)
+    rows, counts, totals = [], {}, dict.fromkeys(TOTALS, 0.0)
     if numbering.count:
         write_json(storage.join(args.output, "_render.json"), run)
-        rows, counts, audio, (cpu, busy) = render(ray, args, storage.join(args.output, "_index"),
-                                          numbering.count, opts)
+        rows, counts, totals = render(ray, args, storage.join(args.output, "_index"),
+                                      numbering.count, opts)
+    audio = totals["seconds"]
     report = {"midi": args.midi, "output": args.output, "files": numbering.files,
               "tracks": numbering.count, "counts": counts, "audio_hours": audio / 3600,
-              "render_cpu_seconds": cpu, "render_task_seconds": busy,
+              "render_cpu_seconds": totals["cpu"], "render_task_seconds": totals["wall"],
               **opts, "rows": numbering.rows + rows}
     write_json(storage.join(args.output, "_report.json"), report)
     log(f"wrote {counts.get('rendered', 0)} tracks ({audio / 3600:.2f} h), "
