@@ -155,6 +155,35 @@ class Imputation:
 
 
 @dataclass(frozen=True)
+class Distill:
+    """Consistency distillation of a separating teacher (msdm.distill, pipelines.distill)."""
+
+    teacher: str = ""  # the teacher checkpoint a student came from; set by pipelines.distill
+    num_scales: int = 18  # N: Karras levels on [sigma_min, sigma_max] for the teacher's ODE step
+    sigma_min: float = 1e-4
+    sigma_max: float = 1.0
+    rho: float = 7.0
+    solver: Literal["euler", "heun"] = "heun"  # the teacher's step between adjacent levels
+    # theta^-: the target network is an EMA of the student with this decay (Song et al.: 0.95);
+    # 0 = the student itself under stop-gradient (improved consistency training)
+    target_decay: float = 0.0
+    # weight of the denoising term |f(x_sigma) - x|^2 / sigma_data^2 beside the consistency
+    # term (consistency trajectory models mix the two); 0 = pure consistency distillation
+    data_weight: float = 0.0
+    steps: int = 2  # the student's sampler written into its checkpoint: consistency steps
+
+    def __post_init__(self):
+        _require(self.num_scales >= 2 and self.steps >= 1,
+                 f"need num_scales >= 2 and steps >= 1, got {self.num_scales}, {self.steps}")
+        _require(0 < self.sigma_min < self.sigma_max and self.rho > 0,
+                 f"need 0 < sigma_min < sigma_max and rho > 0, got {self.sigma_min}, "
+                 f"{self.sigma_max}, {self.rho}")
+        _require(0 <= self.target_decay < 1 and self.data_weight >= 0,
+                 f"need 0 <= target_decay < 1 and data_weight >= 0, got {self.target_decay}, "
+                 f"{self.data_weight}")
+
+
+@dataclass(frozen=True)
 class Config:
     data: Data = field(default_factory=Data)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -168,6 +197,7 @@ class Config:
         default_factory=lambda: SamplerConfig(num_steps=256, sigma_max=20.0, s_churn=10.0,
                                               resamples=1))
     impute: Imputation = field(default_factory=Imputation)
+    distill: Distill = field(default_factory=Distill)
 
     def __post_init__(self):
         s, m = len(self.data.stems), multiple(self.model)

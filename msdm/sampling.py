@@ -27,7 +27,9 @@ class SamplerConfig:
     rho: float = 7.0
     s_churn: float = 20.0
     resamples: int = 2  # "correction": re-noise back to sigma_i and repeat the step
-    solver: Literal["euler", "heun"] = "euler"
+    # consistency: a distilled student's few-step sampler (jump to sigma 0, re-noise to the next
+    # level; churn unused), msdm.distill
+    solver: Literal["euler", "heun", "consistency"] = "euler"
     s_tmin: float = 0.0
     s_tmax: float = math.inf
     s_noise: float = 1.0
@@ -58,6 +60,15 @@ def get_sigmas_karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7
     return torch.cat([sigmas, sigmas.new_zeros(1)]).float().to(device)
 
 
+def consistency_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0,
+                       device="cpu") -> torch.Tensor:
+    """The n levels of a consistency sampler, then 0: the first n of the Karras schedule of
+    n + 1 levels, so one step is [sigma_max, 0] and sigma_min itself (where a jump changes
+    nothing) is never a level."""
+    return torch.cat([get_sigmas_karras(n + 1, sigma_min, sigma_max, rho, device)[:n],
+                      torch.zeros(1, device=device)])
+
+
 def to_d(x: torch.Tensor, sigma, denoised: torch.Tensor) -> torch.Tensor:
     """EDM ODE derivative dx/dsigma = (x - D(x; sigma)) / sigma."""
     sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
@@ -66,7 +77,7 @@ def to_d(x: torch.Tensor, sigma, denoised: torch.Tensor) -> torch.Tensor:
 
 def nfe(config: SamplerConfig) -> int:
     """Number of derivative (model) evaluations of one `sample` call with `config`."""
-    per_pass = config.num_steps if config.solver == "euler" else 2 * config.num_steps - 1
+    per_pass = 2 * config.num_steps - 1 if config.solver == "heun" else config.num_steps
     return per_pass * config.resamples
 
 
@@ -134,7 +145,25 @@ def sample_heun(derivative: Derivative, x: torch.Tensor, sigmas: torch.Tensor, *
     return x
 
 
-SAMPLERS = {"euler": sample_euler, "heun": sample_heun}
+def sample_consistency(derivative: Derivative, x: torch.Tensor, sigmas: torch.Tensor, *,
+                       resamples: int = 1, randn_like=torch.randn_like,
+                       callback: Callable[[dict], None] | None = None, **_unused) -> torch.Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Alg. 1): at each level, one Euler step
+    all the way to sigma 0 (x - sigma d = the model's clean estimate), then fresh noise up to
+    the next level. `resamples` > 1 repeats a level (re-noised to it). Churn does not apply."""
+    values = sigmas.detach().cpu().tolist()
+    for i, (sigma, sigma_next) in enumerate(zip(values[:-1], values[1:])):
+        for r in range(resamples):
+            x = x - sigma * derivative(x, _full(x, sigma))
+            level = sigma if r < resamples - 1 else sigma_next
+            if level > 0:
+                x = x + level * randn_like(x)
+        if callback is not None:
+            callback({"i": i, "sigma": sigma, "sigma_next": sigma_next, "x": x})
+    return x
+
+
+SAMPLERS = {"euler": sample_euler, "heun": sample_heun, "consistency": sample_consistency}
 
 
 def sample(derivative: Derivative, x: torch.Tensor, sigmas: torch.Tensor, *,
@@ -150,7 +179,8 @@ def sample(derivative: Derivative, x: torch.Tensor, sigmas: torch.Tensor, *,
 def run_sampler(derivative: Derivative, x: torch.Tensor, config: SamplerConfig,
                 randn_like=torch.randn_like, callback=None) -> torch.Tensor:
     """`sample` on the Karras schedule of `config`, with every setting taken from it."""
-    sigmas = get_sigmas_karras(config.num_steps, config.sigma_min, config.sigma_max, config.rho)
+    levels = consistency_sigmas if config.solver == "consistency" else get_sigmas_karras
+    sigmas = levels(config.num_steps, config.sigma_min, config.sigma_max, config.rho)
     return sample(derivative, x, sigmas, solver=config.solver, resamples=config.resamples,
                   s_churn=config.s_churn, s_tmin=config.s_tmin, s_tmax=config.s_tmax,
                   s_noise=config.s_noise, randn_like=randn_like, callback=callback)

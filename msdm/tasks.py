@@ -190,6 +190,25 @@ def dirac_sym_likelihood(denoiser, mixture):
     return derivative, finalize
 
 
+def consistency_function(denoiser, finalize):
+    """A consistency model's map of a noisy state at sigma to clean stems (msdm.distill):
+    f(x, sigma) = finalize(D(finalize(x), sigma)). With the Dirac `finalize` the state the model
+    sees and the stems it returns both sum exactly to the mixture, so the model learns the
+    mixture from its input and can never break the constraint. As sigma -> 0, D's EDM
+    preconditioning (c_skip -> 1, c_out -> 0) makes f the identity: the boundary condition."""
+
+    def f(x, sigma):
+        return finalize(denoiser(finalize(x), sigma))
+
+    return f
+
+
+def jump_derivative(f):
+    """The derivative whose Euler step to sigma 0 lands on f(x, sigma): what the consistency
+    sampler integrates, so it shares the derivative interface of the other solvers."""
+    return lambda x, sigma: to_d(x, sigma, f(x, sigma))
+
+
 def gaussian_likelihood(denoiser, mixture, gamma: float):
     """d = (x - D(x))/sigma - sigma/(2 g^2) (y - sum x) for every stem, g = gamma * sigma."""
 
@@ -270,6 +289,8 @@ def separate(denoiser, mixture, num_stems: int, config, likelihood: str = "dirac
         derivative, finalize = dirac_sym_likelihood(denoiser, mixture)
     else:
         derivative, finalize = gaussian_likelihood(denoiser, mixture, gamma)
+    if cfg.solver == "consistency":  # a distilled student: jumps to the clean stems
+        derivative = jump_derivative(consistency_function(denoiser, finalize))
     randn_like = make_randn_like(generator)
     x = randn_like(mixture.expand(mixture.shape[0], num_stems, t)) * cfg.sigma_max
     if init is not None:
