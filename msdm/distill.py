@@ -32,6 +32,7 @@ from torch import nn
 
 from .config import Config, ConfigError
 from .diffusion import ema_update
+from .metrics import si_sdri
 from .sampling import SamplerConfig, get_sigmas_karras
 from .tasks import (
     consistency_function,
@@ -43,6 +44,7 @@ from .tasks import (
 from .training import autocast, ema_decay_at, lr_at
 
 SUMMING = ("dirac", "dirac_sym")  # likelihoods whose stems sum exactly to the mixture
+ACTIVE_RMS = 1e-3  # validation: a chunk's stem counts when its RMS is above this
 
 
 def is_student(cfg: Config) -> bool:
@@ -180,17 +182,23 @@ def student_config(cfg: Config, teacher: str) -> Config:
 @torch.no_grad()
 def validation_error(student: nn.Module, x: torch.Tensor, cfg: Config,
                      batch_size: int = 8) -> dict[str, float]:
-    """The student's separation error on fixed chunks x [N, S, T] (mixture = their sum) with
-    its own few-step sampler and fixed per-chunk seeds: deterministic for given weights.
-    {"val_loss": sum |est - x|^2 / sum |x|^2, the normalised squared error}."""
-    err, power = 0.0, 0.0
+    """The student's separation of fixed chunks x [N, S, T] (mixture = their sum) with its own
+    few-step sampler and fixed per-chunk seeds: deterministic for given weights. Returns
+    {"val_loss": minus the mean SI-SDRi in dB over the (chunk, stem) pairs whose stem is
+    active, so lower is better as for training; "val_si_sdri": that mean}. The normalised
+    squared error would rank students by their loudest stems only."""
+    total, count = 0.0, 0
     sep = cfg.separation
     for i in range(0, x.shape[0], batch_size):
-        xb = x[i : i + batch_size]
+        xb = x[i : i + batch_size].float()
+        mixture = xb.sum(dim=1, keepdim=True)
         with autocast(xb.device, cfg.train.bf16):
-            est = separate(student, xb.sum(dim=1, keepdim=True), xb.shape[1], cfg.sampler,
+            est = separate(student, mixture, xb.shape[1], cfg.sampler,
                            likelihood=sep.likelihood, constrained=sep.constrained,
                            generator=item_generators(range(i, i + xb.shape[0]), xb.device))
-        err += float((est.float() - xb.float()).pow(2).sum())
-        power += float(xb.float().pow(2).sum())
-    return {"val_loss": err / max(power, 1e-12)}
+        active = xb.pow(2).mean(dim=-1).sqrt() > ACTIVE_RMS  # [B, S]
+        gains = si_sdri(est.float(), xb, mixture)
+        total += float(gains[active].sum())
+        count += int(active.sum())
+    mean = total / max(count, 1)
+    return {"val_loss": -mean, "val_si_sdri": mean}

@@ -9,8 +9,8 @@ import importlib.util
 import sys
 
 # in the order of the story: data, training, sweeps, separation, tools
-JOBS = ("synth", "render", "prepare", "train", "evaluate", "tune", "separate", "generate",
-        "convert", "demo")
+JOBS = ("synth", "render", "prepare", "train", "distill", "evaluate", "tune", "separate",
+        "generate", "convert", "demo")
 
 
 def summary(job: str) -> str:

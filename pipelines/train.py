@@ -139,12 +139,19 @@ def main(argv=None) -> dict:
     if args.warm_start:
         args.warm_start = storage.absolute(args.warm_start)  # read in the workers
         _check_warm_start(args.warm_start, cfg)
+    return fit(args, cfg, run_uri, track)
+
+
+def fit(args, cfg, run_uri: str, track, teacher: str | None = None, job: str = "train") -> dict:
+    """The Ray part of `train` and `distill`: write config.json, start Ray, run the TorchTrainer
+    (resuming from RUN's latest checkpoint), export the best EMA weights as RUN/model.ckpt and
+    plot the loss. `teacher`: distil from that checkpoint (pipelines.distill) instead."""
     resuming = any(n.startswith("checkpoint_") for n in storage.listdir(run_uri))
-    log(f"train: run {run_uri} ({'resuming' if resuming else 'new run'}), "
+    log(f"{job}: run {run_uri} ({'resuming' if resuming else 'new run'}), "
         f"{args.num_workers} worker(s), {'GPU' if args.gpu else 'CPU'}")
     write_json(storage.join(run_uri, "config.json"), cfg.to_dict())
 
-    ray = init_ray(args, [args.data, args.storage, args.warm_start])
+    ray = init_ray(args, [args.data, args.storage, args.warm_start, teacher])
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -164,6 +171,7 @@ def main(argv=None) -> dict:
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "opts": {
             "val_ref": val_ref, "warm_start": args.warm_start, "threads": args.threads,
+            "teacher": teacher, "job": job,
             "verbose": args.verbose, "tracking": track.to_dict(), "run_uri": run_uri,
             "name": args.name, "metrics_uri": storage.join(run_uri, "metrics.csv")}},
         scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=args.gpu,

@@ -15,6 +15,7 @@ import torch
 from msdm.checkpoint import build_model, load_state, save
 from msdm.config import Config, flatten
 from msdm.data import random_crop, random_shift
+from msdm.distill import distill_step, make_target, validation_error
 from msdm.training import compile_model, make_ema, make_optimizer, train_step, validation_loss
 
 from . import storage
@@ -24,8 +25,9 @@ from .tracking import TrainLogger
 CSV_FIELDS = ["step", "loss", "val_loss", "samples_per_s", "data_wait", "lr", "elapsed_s"]
 
 
-def _restore(cfg, model, ema, opt, opts, device):
-    """Resume from Ray's latest checkpoint, else warm-start weights; returns (step, history)."""
+def _restore(cfg, model, ema, opt, opts, device, target=None):
+    """Resume from Ray's latest checkpoint, else warm-start weights (a distillation starts from
+    the teacher's); returns (step, history). `target`: a distillation's EMA target network."""
     import ray.train  # [ray]
 
     ckpt = ray.train.get_checkpoint()  # [ray] set on retry or when the run folder has one
@@ -35,13 +37,26 @@ def _restore(cfg, model, ema, opt, opts, device):
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
+        if target is not None:
+            target.load_state_dict(state["extra"]["target"])
         return state["step"], list(state["extra"].get("history", []))
-    if opts.get("warm_start"):
-        state = load_state(io.BytesIO(storage.read_bytes(opts["warm_start"])), device)
+    start = opts.get("teacher") or opts.get("warm_start")
+    if start:
+        state = load_state(io.BytesIO(storage.read_bytes(start)), device)
         weights = state["ema"] if state.get("ema") is not None else state["model"]
-        model.load_state_dict(weights)
-        ema.load_state_dict(weights)
+        for m in (model, ema, target):
+            if m is not None:
+                m.load_state_dict(weights)
     return 0, []
+
+
+def _teacher(uri: str, device):
+    """The frozen teacher of a distillation (its EMA weights), on the worker's device."""
+    from msdm.checkpoint import load_checkpoint
+
+    _, teacher = load_checkpoint(io.BytesIO(storage.read_bytes(uri)), map_location=device,
+                                 name=uri)
+    return teacher
 
 
 def _write_csv(uri: str, history: list[dict]) -> None:
@@ -88,7 +103,10 @@ def train_loop_per_worker(config: dict) -> None:
     if cfg.train.compile:
         compile_model(denoiser)
     opt = make_optimizer(denoiser, cfg)
-    step, history = _restore(cfg, denoiser, ema, opt, opts, device)
+    teacher = _teacher(opts["teacher"], device) if opts.get("teacher") else None
+    target = make_target(denoiser, cfg) if teacher is not None else None
+    own_target = target if target is not None and target is not denoiser else None
+    step, history = _restore(cfg, denoiser, ema, opt, opts, device, own_target)
     model = prepare_model(denoiser)  # [ray] DDP (gloo on CPU, nccl on GPU) when world > 1
     # a copy: the object store's array is read-only
     val_x = torch.tensor(ray.get(opts["val_ref"]), device=device) if rank == 0 else None  # [ray]
@@ -99,8 +117,9 @@ def train_loop_per_worker(config: dict) -> None:
                           flatten(cfg.to_dict()), rank) if opts.get("tracking") else None
     t_start, last_log, waited, samples = time.time(), time.time(), 0.0, 0
     first_step, val = step, {}
+    tag = opts.get("job", "train")  # the progress lines' prefix: train or distill
     if rank == 0:
-        print(f"[train] world {world}, {per_worker} chunks per worker, device {device}, "
+        print(f"[{tag}] world {world}, {per_worker} chunks per worker, device {device}, "
               f"{'resuming at step ' + str(step) if step else 'starting at step 0'}", flush=True)
     while step < cfg.train.max_steps:
         t_wait = time.time()
@@ -112,13 +131,17 @@ def train_loop_per_worker(config: dict) -> None:
                 x = random_crop(x, cfg.data.train_samples, gen)
             if cfg.data.random_shift:
                 x = random_shift(x, gen)
-            loss = train_step(model, x, opt, cfg, gen, ema, step)
+            if teacher is not None:  # pipelines.distill: consistency distillation
+                loss, _ = distill_step(model, target, teacher, x, opt, cfg, gen, ema, step)
+            else:
+                loss = train_step(model, x, opt, cfg, gen, ema, step)
             step += 1
             samples += x.shape[0] * world
             done = step >= cfg.train.max_steps
             validated = step % cfg.train.val_every == 0 or step % cfg.train.checkpoint_every == 0
             if validated or done:
-                val, validated = (validation_loss(ema, val_x, cfg) if rank == 0 else {}), True
+                check = validation_error if teacher is not None else validation_loss
+                val, validated = (check(ema, val_x, cfg) if rank == 0 else {}), True
             if step % cfg.train.log_every == 0 or step % cfg.train.checkpoint_every == 0 or done:
                 now = time.time()
                 row = {"step": step, "loss": float(loss),  # val_loss only where validated
@@ -132,13 +155,13 @@ def train_loop_per_worker(config: dict) -> None:
                 if rank == 0:
                     vl = f"{row['val_loss']:.4f}" if row["val_loss"] != "" else "-"
                     eta = (cfg.train.max_steps - step) * (now - t_start) / (step - first_step)
-                    print(f"[train] step {step}/{cfg.train.max_steps} loss {row['loss']:.4f} "
+                    print(f"[{tag}] step {step}/{cfg.train.max_steps} loss {row['loss']:.4f} "
                           f"val {vl} {row['samples_per_s']:.1f} samples/s "
                           f"wait {100 * row['data_wait']:.1f}% lr {row['lr']:.2g} "
                           f"ETA {_clock(eta)}", flush=True)
                 last_log, waited, samples = now, 0.0, 0
             if step % cfg.train.checkpoint_every == 0 or done:
-                _checkpoint(cfg, denoiser, ema, opt, step, history, val, opts, rank)
+                _checkpoint(cfg, denoiser, ema, opt, step, history, val, opts, rank, own_target)
             if done:
                 break
             t_wait = time.time()
@@ -150,15 +173,17 @@ def _clock(seconds: float) -> str:
     return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
 
 
-def _checkpoint(cfg, denoiser, ema, opt, step, history, val, opts, rank) -> None:
+def _checkpoint(cfg, denoiser, ema, opt, step, history, val, opts, rank, target=None) -> None:
     import ray.train  # [ray]
 
     metrics = {"step": step, "val_loss": float(val.get("val_loss", np.inf))}
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
         if rank == 0:
-            save(os.path.join(d, "state.ckpt"), cfg, denoiser, ema, step, opt,
-                 extra={"history": history})
+            extra = {"history": history}
+            if target is not None:
+                extra["target"] = target.state_dict()
+            save(os.path.join(d, "state.ckpt"), cfg, denoiser, ema, step, opt, extra=extra)
             checkpoint = ray.train.Checkpoint.from_directory(d)  # [ray]
             _write_csv(opts["metrics_uri"], history)
         ray.train.report(metrics, checkpoint=checkpoint,  # [ray] every rank: it is a barrier

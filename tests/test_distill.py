@@ -223,3 +223,26 @@ def test_teachers_that_cannot_be_distilled_are_refused():
     assert student.sampler.solver == "consistency" and student.sampler.num_steps == 3
     assert student.sampler.sigma_max == 0.8 and student.distill.teacher == "t.ckpt"
     assert Config.from_dict(student.to_dict()) == student  # round-trips through checkpoints
+
+
+def test_validation_scores_the_students_own_sampler_in_si_sdri():
+    """Under the exchangeable prior the posterior mean of every stem is the mixture's equal
+    share: a student answering it scores the mixture's SI-SDR exactly, an improvement of 0 dB.
+    The ideal student draws posterior samples instead, whose error is larger: it scores below
+    0 dB, and the same whatever the batch size (per-chunk seeds)."""
+    from msdm.distill import validation_error
+
+    class Share(torch.nn.Module):
+        def forward(self, x, sigma):
+            return x.mean(dim=1, keepdim=True).expand_as(x)
+
+    cfg = student_config(_cfg(**{"train.bf16": False, "distill.steps": 2}), "t.ckpt")
+    x0, _, _ = _state(batch=6, t=2048, seed=11)
+    x0 = x0.float()
+    share = validation_error(Share(), x0, cfg, batch_size=4)
+    assert share["val_loss"] == pytest.approx(0.0, abs=1e-6)
+    cfg = apply_overrides(cfg, {"sampler.num_steps": 1})
+    sample = validation_error(IdealStudent(), x0, cfg, batch_size=4)
+    assert -20 < sample["val_si_sdri"] < -1 and sample["val_loss"] == -sample["val_si_sdri"]
+    again = validation_error(IdealStudent(), x0, cfg, batch_size=3)
+    assert again["val_loss"] == pytest.approx(sample["val_loss"], abs=1e-9)
