@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test demo bench bench-all bench-quality lint format clean
+.PHONY: install test demo bench bench-all bench-quality bench-distill lint format clean
 
 install: $(STAMP)
 
@@ -34,6 +34,9 @@ bench: $(STAMP)
 
 bench-quality: $(STAMP)
 	$(BIN)/python benchmarks/bench_quality.py $(ARGS)
+
+bench-distill: $(STAMP)
+	$(BIN)/python benchmarks/bench_distill.py $(ARGS)
 
 bench-all: $(STAMP)
 	$(BIN)/python benchmarks/bench_core.py

@@ -102,23 +102,25 @@ def test_ideal_student_satisfies_the_consistency_target():
     assert len(levels) == 18 and levels[0] == 1.0 and abs(levels[-1] - 1e-4) < 1e-9
     for n in (0, 5, 12, 16):
         _, y, x = _state(sigma=float(levels[n]), seed=n)
-        derivative, finalize = likelihood(teacher, y, cfg)
+        task = likelihood(teacher, y, cfg)
         hi, lo = float(levels[n]), float(levels[n + 1])
-        want = ideal(x, hi)
-
-        def gap_after(m, solver="heun"):  # m equal sub-steps from hi to lo, then f*
-            z = x
-            grid = torch.linspace(hi, lo, m + 1, dtype=torch.float64)
-            for a, b in zip(grid[:-1], grid[1:]):
-                z = teacher_step(derivative, finalize, z, torch.full((3,), float(a)).double(),
-                                 torch.full((3,), float(b)).double(), solver)
-            assert torch.allclose(z.sum(1, keepdim=True), y, atol=1e-9)
-            return float((ideal(z, lo) - want).abs().max() / want.abs().max())
-
-        one, four = gap_after(1), gap_after(4)
+        one, four = _gap_after(task, x, y, hi, lo, 1), _gap_after(task, x, y, hi, lo, 4)
         assert one < 0.05 and four < 2e-3, (n, one, four)
         assert four < one / 8 or one < 1e-6  # second order: the gap closes with the sub-step
-        assert gap_after(1, "euler") > one  # Euler is the cruder step
+        assert _gap_after(task, x, y, hi, lo, 1, "euler") > one  # Euler is the cruder step
+
+
+def _gap_after(task, x, y, hi: float, lo: float, m: int, solver: str = "heun") -> float:
+    """|f*(after m equal teacher sub-steps from hi to lo, lo) - f*(x, hi)|, relative."""
+    derivative, finalize = task
+    z = x
+    grid = torch.linspace(hi, lo, m + 1, dtype=torch.float64)
+    for a, b in zip(grid[:-1], grid[1:]):
+        z = teacher_step(derivative, finalize, z, torch.full((3,), float(a)).double(),
+                         torch.full((3,), float(b)).double(), solver)
+    assert torch.allclose(z.sum(1, keepdim=True), y, atol=1e-9)
+    want = ideal(x, hi)
+    return float((ideal(z, lo) - want).abs().max() / want.abs().max())
 
 
 def test_consistency_loss_is_minimal_at_the_ideal_student():
