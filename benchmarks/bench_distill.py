@@ -18,13 +18,15 @@ prepared songs, its MSDM teacher (runs/msdm), HDemucs (runs/hdemucs), its swept 
    then its pick on the test songs;
 4. OUT/DISTILL.md (the table, CPU time per audio second), results.json and
    si_sdri_vs_nfe.png (teacher and student curves on one plot).
---reuse keeps finished stages.
+--reuse keeps finished stages; with a larger --steps it resumes the distillation run (the same
+run name) up to it and scores the new student.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -56,7 +58,8 @@ def curve_plot(teacher: list, student: list, refs: dict, png: str) -> None:
     from pipelines.report import _plt, _save
 
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    fig, ax = plt.subplots(figsize=(9.0, 3.8))
+    fig.subplots_adjust(right=0.64)
     for rows, label, color in ((teacher, "teacher (swept settings, Euler n)", "C0"),
                                (student, "distilled student (consistency n)", "C3")):
         ax.plot([r["nfe"] for r in rows], [r["all"] for r in rows], "o-", color=color,
@@ -67,7 +70,7 @@ def curve_plot(teacher: list, student: list, refs: dict, png: str) -> None:
     ax.set_xlabel("NFE (network evaluations per chunk)")
     ax.set_ylabel("SI-SDRi, held-out songs (dB)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     _save(fig, png)
 
 
@@ -92,7 +95,8 @@ def main(argv=None) -> dict:
     student = out / "runs" / "student" / "model.ckpt"
     timing = json.loads((out / "timing.json").read_text()) if (out / "timing.json").exists() \
         else {}
-    if not (args.reuse and student.exists()):
+    done = timing.get("steps", 0) if args.reuse and student.exists() else 0
+    if done < args.steps:  # a new run, or --reuse with more --steps: the run resumes at `done`
         t0 = time.time()
         job("distill", "--teacher", str(teacher), "--data", data, "--storage", str(out / "runs"),
             "--name", "student", "--sampler-config", str(q / "samplers" / "swept.yaml"),
@@ -101,8 +105,13 @@ def main(argv=None) -> dict:
             "--set", f"distill.steps={args.student_steps}",
             "--set", "train.checkpoint_every=500", "--set", "train.val_every=500",
             "--set", "train.log_every=100")
-        timing = {"distill_minutes": (time.time() - t0) / 60, "steps": args.steps}
+        minutes = (time.time() - t0) / 60 + (timing.get("distill_minutes", 0.0) if done else 0)
+        timing = {"distill_minutes": minutes, "steps": args.steps,
+                  "runs": [*timing.get("runs", []), {"steps": args.steps,
+                                                     "minutes": (time.time() - t0) / 60}]}
         (out / "timing.json").write_text(json.dumps(timing))
+        for stale in ("eval-student", "eval-refine", "sweep/refine"):  # scored the old student
+            shutil.rmtree(out / stale, ignore_errors=True)
     t_rows = evaluate(out, "eval-teacher", teacher, data, teacher_files(out, swept),
                       "--skip-checkpoint-sampler")
     s_rows = evaluate(out, "eval-student", student, data, student_files(out),
@@ -113,8 +122,11 @@ def main(argv=None) -> dict:
             "tune_spaces/distilled_refine.yaml", "--num-samples", str(args.refine_trials),
             "--max-chunks", "0", "--storage", str(out / "sweep"), "--name", "refine",
             "--max-concurrent", "2")
-    refine_file = sampler_file(out, "student-refine", (sweep / "best.yaml").read_text())
-    r_rows = evaluate(out, "eval-refine", student, data, [refine_file], "--init", str(reg),
+    pick = yaml.safe_load((sweep / "best.yaml").read_text())
+    refine_files = [sampler_file(out, "student-refine", yaml.safe_dump(pick)),
+                    sampler_file(out, "student-refine-1", yaml.safe_dump(
+                        {**pick, "sampler": {**pick["sampler"], "num_steps": 1}}))]
+    r_rows = evaluate(out, "eval-refine", student, data, refine_files, "--init", str(reg),
                       "--skip-checkpoint-sampler")
 
     seconds = 180.0  # the 9 test songs of 20 s
@@ -130,16 +142,18 @@ def main(argv=None) -> dict:
 
     teacher_curve = [row(c, f"teacher, Euler {n}") for c, n in zip(t_rows, TEACHER_NFE)]
     student_curve = [row(c, f"student, {n} step(s)") for c, n in zip(s_rows, STUDENT_STEPS)]
-    refine = row(r_rows[0], "HDemucs + distilled refiner")
+    refine = row(r_rows[0], "HDemucs + distilled refiner (swept pick)")
+    refine1 = row(r_rows[1], "HDemucs + distilled refiner, 1 step")
     refs = {"teacher, swept Heun 60": (best["nfe"], best["si_sdri"]["all"]),
             "HDemucs": (1, hdemucs["si_sdri"]["all"]),
             "HDemucs + teacher refinement": (refined10["nfe"], refined10["si_sdri"]["all"]),
-            "HDemucs + distilled refiner": (refine["nfe"], refine["all"])}
+            "HDemucs + distilled refiner": (refine["nfe"], refine["all"]),
+            "HDemucs + distilled refiner, 1 step": (refine1["nfe"], refine1["all"])}
     curve_plot(teacher_curve, student_curve, refs, str(out / "si_sdri_vs_nfe.png"))
     results = {"timing": {**timing, "teacher_minutes": quality["train_minutes"],
                           "teacher_steps": quality["steps"]},
                "teacher": teacher_curve, "student": student_curve, "refine": refine,
-               "refine_sampler": yaml.safe_load(Path(refine_file).read_text()),
+               "refine_1": refine1, "refine_sampler": pick,
                "best_swept": row(best, "teacher, swept Heun 60"),
                "hdemucs": row(hdemucs, "HDemucs"),
                "teacher_refinement": row(refined10, "HDemucs + teacher refinement")}
@@ -147,7 +161,7 @@ def main(argv=None) -> dict:
     lines = ["| held-out SI-SDRi (dB) | bass | drums | guitar | piano | all | NFE | wall (s) "
              "| CPU-s per audio-s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in [*teacher_curve, results["best_swept"], *student_curve, results["hdemucs"],
-              results["teacher_refinement"], refine]:
+              results["teacher_refinement"], refine, refine1]:
         lines.append(f"| {r['name']} | {r['bass']:.2f} | {r['drums']:.2f} | {r['guitar']:.2f} "
                      f"| {r['piano']:.2f} | {r['all']:.2f} | {r['nfe']} | {r['seconds']:.0f} "
                      f"| {r['cpu_s_per_audio_s']:.3f} |")

@@ -27,6 +27,7 @@ def _history(run):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow(seconds=20)  # the session fixture prepares its data on first use
 def test_driver_refuses_teachers_before_ray_starts(synth_prepared, tiny_unet_ckpt, tmp_path):
     data = str(synth_prepared / "prepared")
     base = ["--data", data, "--storage", str(tmp_path / "runs"), "--name", "x"]
@@ -70,7 +71,7 @@ def _kill_a_worker_after(marker, killed: list, timeout: float = 300) -> None:
         time.sleep(0.2)
 
 
-@pytest.mark.slow(seconds=120)
+@pytest.mark.slow(seconds=60)
 def test_distill_recovers_resumes_and_the_student_plugs_in(ray_local, synth_prepared,
                                                            tiny_unet_ckpt, tmp_path):
     data = synth_prepared / "prepared"
@@ -98,11 +99,11 @@ def test_distill_recovers_resumes_and_the_student_plugs_in(ray_local, synth_prep
     cfg = state["config"]
     assert cfg.sampler.solver == "consistency" and cfg.sampler.num_steps == 2
     assert cfg.distill.teacher == str(tiny_unet_ckpt) and cfg.separation.constrained == 1
-    teacher = load_state(tiny_unet_ckpt)["model"]
-    assert any(not torch.equal(teacher[k], v) for k, v in state["ema"].items())  # it learned
+    teacher = load_state(tiny_unet_ckpt)["model"]  # the (EMA-less) teacher's weights
+    assert any(not torch.equal(teacher[k], v) for k, v in state["model"].items())  # it learned
 
     out = evaluate.main(["--ckpt", str(student), "--data", str(data), "--output",
-                         str(tmp_path / "eval"), "--max-chunks", "8", "--batch-size", "4"])
+                         str(tmp_path / "eval"), "--max-chunks", "0", "--batch-size", "4"])
     assert out["configs"][0]["nfe"] == 2 and np.isfinite(out["si_sdri"]["all"])
 
     src = tmp_path / "in"
@@ -117,7 +118,7 @@ def test_distill_recovers_resumes_and_the_student_plugs_in(ray_local, synth_prep
     reg = apply_overrides(get_preset("tiny"), {"model.kind": "hdemucs"})
     save(tmp_path / "reg.ckpt", reg, build_model(reg))
     out = evaluate.main(["--ckpt", str(student), "--data", str(data), "--output",
-                         str(tmp_path / "eval-init"), "--max-chunks", "8", "--init",
+                         str(tmp_path / "eval-init"), "--max-chunks", "0", "--init",
                          str(tmp_path / "reg.ckpt"), "--set", "sampler.num_steps=1",
                          "--set", "sampler.sigma_max=0.1"])
     assert out["configs"][0]["nfe"] == 2  # the regressor's pass and one consistency step
