@@ -31,7 +31,7 @@ from msdm.distill import check_teacher, student_config
 
 from . import storage, tracking
 from .common import cli, dry_run, log, parser, resolve_config
-from .train import _check_data, fit
+from .trainrun import check_data, fit
 
 # where distillation departs from the teacher's own training settings (then --config/--set)
 DISTILL_TRAIN = {"train.lr": 2e-4, "train.warmup_steps": 0, "train.lr_schedule": "constant",
@@ -102,7 +102,7 @@ def main(argv=None) -> dict:
     tracking.check(track)
     storage.check_readable(storage.join(args.data, "train"))
     storage.check_writable(args.storage)
-    _check_data(args.data, cfg)  # the teacher's rate, chunk length and stems must be the data's
+    check_data(args.data, cfg)  # the teacher's rate, chunk length and stems must be the data's
     args.warm_start = None  # `fit` starts the student from the teacher's weights
     log(f"distill: teacher {args.teacher}, {cfg.distill.num_scales} scales, "
         f"{cfg.distill.solver} steps, student sampler {cfg.sampler.num_steps} step(s) from "

@@ -14,21 +14,13 @@ by validation loss are kept, and the best EMA weights are exported as STORAGE/NA
 from __future__ import annotations
 
 import io
-import json
-import os
-import signal
-import threading
 
-import numpy as np
-
-from msdm.checkpoint import CheckpointError, check_size, load_state, save
-from msdm.config import ConfigError, apply_overrides
+from msdm.checkpoint import CheckpointError, check_size, load_state
+from msdm.config import apply_overrides
 
 from . import storage, tracking
-from .common import autoscaling, cli, dry_run, init_ray, log, parser, resolve_config, write_json
-from .report import plot_loss
-from .stages import read_chunks, train_dataset
-from .trainloop import train_loop_per_worker
+from .common import cli, dry_run, parser, resolve_config
+from .trainrun import check_data, fit
 
 
 def build_parser():
@@ -56,35 +48,6 @@ def build_parser():
     return p
 
 
-def _validation_chunks(data_uri: str, cfg) -> np.ndarray:
-    """The first train.val_chunks chunks of DATA/validation (file order), [N, S, T]: fixed."""
-    split = storage.join(data_uri, "validation")
-    if not storage.listdir(split):
-        log(f"no {split}: validating on the first chunks of the train split")
-        split = storage.join(data_uri, "train")
-    return read_chunks(split, cfg.data.stems, cfg.train.val_chunks, cfg.train.stem)["x"]
-
-
-def _check_data(data_uri: str, cfg) -> None:
-    """The prepared data must have been made with this config's rate, chunk length and stems."""
-    uri = storage.join(data_uri, "_report.json")
-    if not storage.exists(uri):
-        log(f"warning: {uri} not found; cannot check the data's sample rate and chunk length")
-        return
-    try:
-        report = json.loads(storage.read_bytes(uri))
-    except ValueError as e:
-        raise ConfigError(f"{uri}: not valid JSON ({e})") from e
-    want = {"sample_rate": cfg.data.sample_rate, "chunk_samples": cfg.data.chunk_samples,
-            "stems": list(cfg.data.stems)}
-    bad = {k: (report.get(k), v) for k, v in want.items() if report.get(k) != v}
-    if bad:
-        raise ConfigError(f"{data_uri} was prepared with " + ", ".join(
-            f"data.{k}={got}" for k, (got, _) in bad.items()) + " but the config says "
-            + ", ".join(f"data.{k}={v}" for k, (_, v) in bad.items())
-            + ": prepare it again with this config, or train with the data's settings")
-
-
 def _check_warm_start(uri: str, cfg) -> None:
     """Validate --warm-start in the driver: readable, small enough and the same network."""
     state = load_state(io.BytesIO(storage.read_bytes(uri)), name=uri)
@@ -93,25 +56,6 @@ def _check_warm_start(uri: str, cfg) -> None:
     if (other.model, other.num_stems) != (cfg.model, cfg.num_stems):
         raise CheckpointError(f"--warm-start {uri}: its network (model.*, {other.num_stems} "
                               f"stems) differs from this run's ({cfg.num_stems} stems)")
-
-
-def _export_best(result, run_uri: str) -> dict:
-    """Copy the best checkpoint's EMA weights to RUN/model.ckpt (one self-contained file)."""
-    best = min(result.best_checkpoints, key=lambda cm: cm[1].get("val_loss", np.inf))
-    with best[0].as_directory() as d:
-        try:
-            state = load_state(f"{d}/state.ckpt")
-        except CheckpointError as e:  # the run's own checkpoint: a fault, not the user's input
-            raise RuntimeError(f"cannot export the best checkpoint {d}: {e}") from e
-    from msdm.checkpoint import build_model
-
-    cfg = state["config"]
-    ema = build_model(cfg)
-    ema.load_state_dict(state["ema"])
-    buf = io.BytesIO()
-    save(buf, cfg, ema, None, state["step"], extra={"val_loss": best[1].get("val_loss")})
-    storage.write_bytes(storage.join(run_uri, "model.ckpt"), buf.getvalue())
-    return {"step": state["step"], "val_loss": best[1].get("val_loss")}
 
 
 def main(argv=None) -> dict:
@@ -135,111 +79,11 @@ def main(argv=None) -> dict:
     tracking.check(track)
     storage.check_readable(storage.join(args.data, "train"))
     storage.check_writable(args.storage)
-    _check_data(args.data, cfg)
+    check_data(args.data, cfg)
     if args.warm_start:
         args.warm_start = storage.absolute(args.warm_start)  # read in the workers
         _check_warm_start(args.warm_start, cfg)
     return fit(args, cfg, run_uri, track)
-
-
-def fit(args, cfg, run_uri: str, track, teacher: str | None = None, job: str = "train") -> dict:
-    """The Ray part of `train` and `distill`: write config.json, start Ray, run the TorchTrainer
-    (resuming from RUN's latest checkpoint), export the best EMA weights as RUN/model.ckpt and
-    plot the loss. `teacher`: distil from that checkpoint (pipelines.distill) instead."""
-    resuming = any(n.startswith("checkpoint_") for n in storage.listdir(run_uri))
-    log(f"{job}: run {run_uri} ({'resuming' if resuming else 'new run'}), "
-        f"{args.num_workers} worker(s), {'GPU' if args.gpu else 'CPU'}")
-    write_json(storage.join(run_uri, "config.json"), cfg.to_dict())
-
-    ray = init_ray(args, [args.data, args.storage, args.warm_start, teacher])
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    _check_resources(ray, args)
-    val_ref = ray.put(_validation_chunks(args.data, cfg))
-    small = _dataset_bytes(storage.join(args.data, "train")) < 0.25 * _object_store_bytes(ray)
-    train_ds = train_dataset(ray, storage.join(args.data, "train"), cfg,
-                             cfg.train.seed + _latest_step(run_uri), materialize=small)
-    if small:  # read once, not once per epoch
-        log(f"train split materialised in the object store ({train_ds.count()} chunks)")
-    cpus = args.cpus_per_worker or _default_cpus(ray, args.num_workers)
-    resources = {"CPU": cpus, **({"GPU": 1} if args.gpu else {})}
-    fs, path = storage.pyarrow_fs(args.storage)
-    # Ray Train's print patch sends every worker line to the driver twice (stdout + its logger)
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "opts": {
-            "val_ref": val_ref, "warm_start": args.warm_start, "threads": args.threads,
-            "teacher": teacher, "job": job,
-            "verbose": args.verbose, "tracking": track.to_dict(), "run_uri": run_uri,
-            "name": args.name, "metrics_uri": storage.join(run_uri, "metrics.csv")}},
-        scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=args.gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(
-            name=args.name, storage_path=path, storage_filesystem=fs,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep,
-                                               checkpoint_score_attribute="val_loss",
-                                               checkpoint_score_order="min"),
-            failure_config=FailureConfig(max_failures=args.max_failures)),
-        datasets={"train": train_ds},
-    )
-    result = _fit(trainer)
-    best = _export_best(result, run_uri)
-    plot_loss(storage.join(run_uri, "metrics.csv"), storage.join(run_uri, "loss.png"))
-    log(f"done: best val_loss {best['val_loss']:.4f} at step {best['step']}; "
-        f"exported {storage.join(run_uri, 'model.ckpt')}")
-    return {"run": run_uri, **best, "metrics": dict(result.metrics or {})}
-
-
-def _fit(trainer):
-    """trainer.fit(), with this process's Ctrl-C handler put back afterwards. Ray Train installs
-    its own, which holds the run's controller actor: while it is installed, the controller and
-    the Ray Data actors it owns (~3 processes, a few hundred MB) outlive the run in a driver
-    that goes on (make demo, bench-quality, notebooks), and a later Ctrl-C only "aborts" the
-    finished run instead of interrupting the driver."""
-    # None: a handler not installed from Python, which cannot be put back from Python either
-    previous = (signal.getsignal(signal.SIGINT)
-                if threading.current_thread() is threading.main_thread() else None)
-    try:
-        return trainer.fit()
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
-
-
-def _latest_step(run_uri: str) -> int:
-    """Step of the run's newest checkpoint (0 for a new run): seeds a new data order on resume."""
-    steps = [int(n.split("_")[1]) for n in storage.listdir(run_uri)
-             if n.startswith("checkpoint_") and n.split("_")[1].isdigit()]
-    return max(steps, default=0)
-
-
-def _dataset_bytes(uri: str) -> int:
-    fs, path = storage.get_fs(uri)
-    return sum(fs.du(path, total=False).values()) if fs.exists(path) else 0
-
-
-def _object_store_bytes(ray) -> float:
-    return ray.cluster_resources().get("object_store_memory", 0)
-
-
-def _check_resources(ray, args) -> None:
-    """Fail with a message, not an endless retry, when the cluster cannot host the workers."""
-    have = ray.cluster_resources()
-    need = {"GPU": args.num_workers if args.gpu else 0,
-            "CPU": args.num_workers * (args.cpus_per_worker or 0.25)}
-    short = {k: (v, have.get(k, 0)) for k, v in need.items() if v > have.get(k, 0)}
-    if short and not autoscaling():
-        raise SystemExit("train: --num-workers " + str(args.num_workers) + " needs " + ", ".join(
-            f"{v:g} {k} but the cluster has {h:g}" for k, (v, h) in short.items())
-            + "; lower --num-workers/--cpus-per-worker or add nodes")
-
-
-def _default_cpus(ray, num_workers: int) -> float:
-    """Leave at least one CPU of the cluster to Ray Data, or the run waits forever for a read."""
-    total = ray.cluster_resources().get("CPU", 1)
-    return max(0.25, min(8.0, int(4 * (total - 1) / num_workers) / 4))
 
 
 if __name__ == "__main__":
