@@ -168,8 +168,9 @@ class Distill:
     # 0 = the student itself under stop-gradient (improved consistency training)
     target_decay: float = 0.0
     # weight of the denoising term |f(x_sigma) - x|^2 / sigma_data^2 beside the consistency
-    # term (consistency trajectory models mix the two); 0 = pure consistency distillation
-    data_weight: float = 0.0
+    # term (consistency trajectory models mix the two); 0 = pure consistency distillation.
+    # 1: +0.2-0.6 dB over 0 on bench-quality's validation songs (README, few-step separation)
+    data_weight: float = 1.0
     steps: int = 2  # the student's sampler written into its checkpoint: consistency steps
 
     def __post_init__(self):

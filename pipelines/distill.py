@@ -29,9 +29,9 @@ from msdm.checkpoint import CheckpointError, check_size, load_state
 from msdm.config import ConfigError, apply_overrides
 from msdm.distill import check_teacher, student_config
 
-from . import storage, tracking
+from . import storage
 from .common import cli, dry_run, log, parser, resolve_config
-from .trainrun import check_data, fit
+from .trainrun import add_run_arguments, check_run_args, check_run_inputs, fit
 
 # where distillation departs from the teacher's own training settings (then --config/--set)
 DISTILL_TRAIN = {"train.lr": 2e-4, "train.warmup_steps": 0, "train.lr_schedule": "constant",
@@ -41,26 +41,11 @@ DISTILL_TRAIN = {"train.lr": 2e-4, "train.warmup_steps": 0, "train.lr_schedule":
 def build_parser():
     p = parser(__doc__)
     p.add_argument("--teacher", required=True, help="the diffusion model.ckpt to distil")
-    p.add_argument("--data", required=True, help="prepared dataset root (has train/, validation/)")
-    p.add_argument("--storage", required=True,
-                   help="runs root (local or s3://); must be shared storage on multi-node runs")
-    p.add_argument("--name", required=True, help="run name; an existing name resumes")
     p.add_argument("--sampler-config", action="append", default=[],
                    help="YAML of separation keys to distil (e.g. a sweep's best.yaml: the "
                         "constrained stem, the soft mask); its sampler.* keys are replaced by "
                         "the student's consistency sampler. Repeatable")
-    p.add_argument("--num-workers", type=int, default=1,
-                   help="DDP workers (one GPU each with --gpu)")
-    p.add_argument("--gpu", action="store_true", help="one GPU per worker, nccl, bf16 autocast")
-    p.add_argument("--cpus-per-worker", type=float, default=0,
-                   help="CPUs per worker (default: leave the rest of the cluster to Ray Data)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per CPU worker")
-    p.add_argument("--max-steps", type=int, default=None, help="overrides train.max_steps")
-    p.add_argument("--max-failures", type=int, default=3, help="worker failures to recover from")
-    p.add_argument("--object-store-mb", type=float, default=0,
-                   help="object store of the local cluster this job starts (ignored with "
-                        "--address)")
-    tracking.add_argument(p)
+    add_run_arguments(p)
     return p
 
 
@@ -90,19 +75,11 @@ def main(argv=None) -> dict:
     check_teacher(cfg, "the distilled settings")  # e.g. a gaussian likelihood from --set
     cfg = student_config(cfg, args.teacher)
     run_uri = storage.join(args.storage, args.name)
-    if args.num_workers < 1 or cfg.train.batch_size % args.num_workers:
-        raise SystemExit(f"train.batch_size ({cfg.train.batch_size}) is the global batch: it "
-                         f"must divide by --num-workers ({args.num_workers})")
-    if args.threads < 0:
-        raise SystemExit(f"--threads must be >= 0 (0 = the worker's CPUs), got {args.threads}")
+    check_run_args(args, cfg)
     if dry_run(cfg, args, {"run": run_uri, "teacher": args.teacher,
                            "workers": args.num_workers, "gpu": args.gpu}):
         return {}
-    track = tracking.parse(args.tracking, args.experiment)  # a bad backend fails before Ray
-    tracking.check(track)
-    storage.check_readable(storage.join(args.data, "train"))
-    storage.check_writable(args.storage)
-    check_data(args.data, cfg)  # the teacher's rate, chunk length and stems must be the data's
+    track = check_run_inputs(args, cfg)  # the teacher's rate, chunk length, stems: the data's
     args.warm_start = None  # `fit` starts the student from the teacher's weights
     log(f"distill: teacher {args.teacher}, {cfg.distill.num_scales} scales, "
         f"{cfg.distill.solver} steps, student sampler {cfg.sampler.num_steps} step(s) from "

@@ -15,11 +15,53 @@ import numpy as np
 from msdm.checkpoint import CheckpointError, load_state, save
 from msdm.config import ConfigError
 
-from . import storage
+from . import storage, tracking
 from .common import autoscaling, init_ray, log, write_json
 from .report import plot_loss
 from .stages import read_chunks, train_dataset
 from .trainloop import train_loop_per_worker
+
+
+def add_run_arguments(p) -> None:
+    """The arguments of a Ray Train run: data, storage, name, workers, resources, tracking."""
+    p.add_argument("--data", required=True, help="prepared dataset root (has train/, validation/)")
+    p.add_argument("--storage", required=True,
+                   help="runs root (local or s3://); must be shared storage on multi-node runs")
+    p.add_argument("--name", required=True, help="run name; an existing name resumes")
+    p.add_argument("--num-workers", type=int, default=1,
+                   help="DDP workers (one GPU each with --gpu)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker, nccl, bf16 autocast")
+    p.add_argument("--cpus-per-worker", type=float, default=0,
+                   help="CPUs per worker (default: leave the rest of the cluster to Ray Data)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per CPU worker (default: its CPUs; more pays off when the "
+                        "train split is materialised and Ray Data idles, e.g. on one small node)")
+    p.add_argument("--max-steps", type=int, default=None, help="overrides train.max_steps")
+    p.add_argument("--max-failures", type=int, default=3, help="worker failures to recover from")
+    p.add_argument("--object-store-mb", type=float, default=0,
+                   help="object store of the local cluster this job starts (ignored with "
+                        "--address; default: Ray's, 30 %% of RAM)")
+    tracking.add_argument(p)
+
+
+def check_run_args(args, cfg) -> None:
+    """Worker arguments the config must fit: a global batch the workers split evenly."""
+    if args.num_workers < 1 or cfg.train.batch_size % args.num_workers:
+        raise SystemExit(f"train.batch_size ({cfg.train.batch_size}) is the global batch: it "
+                         f"must divide by --num-workers ({args.num_workers})")
+    if args.threads < 0:
+        raise SystemExit(f"--threads must be >= 0 (0 = the worker's CPUs), got {args.threads}")
+
+
+def check_run_inputs(args, cfg):
+    """Before Ray: the tracking backend, the data (readable, prepared with the config's rate,
+    chunk length and stems) and the storage (writable). Returns the parsed tracking."""
+    track = tracking.parse(args.tracking, args.experiment)  # a bad backend fails before Ray
+    tracking.check(track)
+    storage.check_readable(storage.join(args.data, "train"))
+    storage.check_writable(args.storage)
+    check_data(args.data, cfg)
+    return track
 
 
 def _validation_chunks(data_uri: str, cfg) -> np.ndarray:
