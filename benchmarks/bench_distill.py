@@ -105,10 +105,10 @@ def main(argv=None) -> dict:
             "--set", f"distill.steps={args.student_steps}",
             "--set", "train.checkpoint_every=500", "--set", "train.val_every=500",
             "--set", "train.log_every=100")
-        minutes = (time.time() - t0) / 60 + (timing.get("distill_minutes", 0.0) if done else 0)
-        timing = {"distill_minutes": minutes, "steps": args.steps,
-                  "runs": [*timing.get("runs", []), {"steps": args.steps,
-                                                     "minutes": (time.time() - t0) / 60}]}
+        run = (time.time() - t0) / 60
+        timing = {"distill_minutes": run + (timing.get("distill_minutes", 0.0) if done else 0),
+                  "steps": args.steps,
+                  "runs": [*timing.get("runs", []), {"steps": args.steps, "minutes": run}]}
         (out / "timing.json").write_text(json.dumps(timing))
         for stale in ("eval-student", "eval-refine", "sweep/refine"):  # scored the old student
             shutil.rmtree(out / stale, ignore_errors=True)
@@ -130,8 +130,7 @@ def main(argv=None) -> dict:
                       "--skip-checkpoint-sampler")
 
     seconds = 180.0  # the 9 test songs of 20 s
-    by_name = {c["name"]: c for c in quality["msdm"]}
-    best = by_name["swept"]
+    best = next(c for c in quality["msdm"] if c["name"] == "swept")
     hdemucs = next(c for c in quality["msdm"] if c["name"].startswith("HDemucs regressor"))
     refined10 = next(c for c in quality["msdm"] if c["name"] == "HDemucs + MSDM refinement "
                      "(swept)")

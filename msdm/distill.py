@@ -25,6 +25,7 @@ to sigma 0, re-noise to the next level, 1-4 network evaluations in all. No Ray h
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import torch
@@ -34,13 +35,7 @@ from .config import Config, ConfigError
 from .diffusion import ema_update
 from .metrics import si_sdri
 from .sampling import SamplerConfig, get_sigmas_karras
-from .tasks import (
-    consistency_function,
-    dirac_likelihood,
-    dirac_sym_likelihood,
-    item_generators,
-    separate,
-)
+from .tasks import consistency_function, item_generators, likelihood_task, separate
 from .training import autocast, ema_decay_at, lr_at
 
 SUMMING = ("dirac", "dirac_sym")  # likelihoods whose stems sum exactly to the mixture
@@ -78,13 +73,11 @@ def scales(d, device="cpu") -> torch.Tensor:
 def likelihood(denoiser, mixture: torch.Tensor, cfg: Config):
     """(derivative, finalize) of the Dirac separation task of `cfg.separation`."""
     sep = cfg.separation
-    if sep.likelihood == "dirac":
-        s = len(cfg.data.stems)
-        return dirac_likelihood(denoiser, mixture, sep.constrained % s)
-    if sep.likelihood == "dirac_sym":
-        return dirac_sym_likelihood(denoiser, mixture)
-    raise ConfigError(f"separation.likelihood {sep.likelihood!r}: distillation needs one of "
-                      f"{SUMMING}")
+    if sep.likelihood not in SUMMING:
+        raise ConfigError(f"separation.likelihood {sep.likelihood!r}: distillation needs one of "
+                          f"{SUMMING}")
+    return likelihood_task(denoiser, mixture, len(cfg.data.stems), sep.likelihood,
+                           sep.constrained)
 
 
 @torch.no_grad()
@@ -130,34 +123,34 @@ def consistency_loss(student: nn.Module, target: nn.Module, teacher: nn.Module,
     return loss, {"consistency": float(cons.detach().mean()), "data": float(data.detach().mean())}
 
 
-def make_target(student: nn.Module, cfg: Config) -> nn.Module:
-    """theta^-: a frozen copy (EMA target) or, with target_decay 0, the student itself."""
-    module = getattr(student, "module", student)
+def make_target(student: nn.Module, cfg: Config) -> nn.Module | None:
+    """theta^-: a frozen copy of the student to keep as its EMA, or None with target_decay 0
+    (the target is then the student itself under stop-gradient)."""
     if not cfg.distill.target_decay:
-        return module
-    import copy
-
-    return copy.deepcopy(module).requires_grad_(False)
+        return None
+    return copy.deepcopy(getattr(student, "module", student)).requires_grad_(False)
 
 
-def distill_step(student: nn.Module, target: nn.Module, teacher: nn.Module, x0: torch.Tensor,
-                 optimizer: torch.optim.Optimizer, cfg: Config,
+def distill_step(student: nn.Module, target: nn.Module | None, teacher: nn.Module,
+                 x0: torch.Tensor, optimizer: torch.optim.Optimizer, cfg: Config,
                  generator: torch.Generator | None = None, ema: nn.Module | None = None,
                  step: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
-    """One optimisation step of the student; updates the EMA target and the export EMA.
-    Returns the detached mean loss and its parts. `student` may be DDP-wrapped."""
+    """One optimisation step of the student; updates the EMA target (`make_target`; None: the
+    student itself) and the export EMA. Returns the detached mean loss and its parts.
+    `student` may be DDP-wrapped."""
+    module = getattr(student, "module", student)
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, cfg.train)
     with autocast(x0.device, cfg.train.bf16):
-        loss, parts = consistency_loss(student, target, teacher, x0, cfg, generator)
+        loss, parts = consistency_loss(student, module if target is None else target, teacher,
+                                       x0, cfg, generator)
         loss = loss.mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.train.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.train.grad_clip)
     optimizer.step()
-    module = getattr(student, "module", student)
-    if target is not module:
+    if target is not None:
         ema_update(target, module, cfg.distill.target_decay)
     if ema is not None:
         ema_update(ema, module, ema_decay_at(step, cfg.train))

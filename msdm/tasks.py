@@ -220,6 +220,17 @@ def gaussian_likelihood(denoiser, mixture, gamma: float):
     return derivative, lambda x: x
 
 
+def likelihood_task(denoiser, mixture, num_stems: int, likelihood: str = "dirac",
+                    constrained: int = 0, gamma: float = 0.75):
+    """(derivative, finalize) of separation under `likelihood` (dirac, dirac_sym, gaussian):
+    the one dispatch that `separate` and distillation (msdm.distill) share."""
+    if likelihood == "dirac":
+        return dirac_likelihood(denoiser, mixture, constrained % num_stems)
+    if likelihood == "dirac_sym":
+        return dirac_sym_likelihood(denoiser, mixture)
+    return gaussian_likelihood(denoiser, mixture, gamma)
+
+
 def draw_generators(generator: Generator, samples: int, batch: int) -> Generator:
     """Generators for `samples` draws of a batch laid out draw-major ([draw 0 items, draw 1
     items, ...]). Per-item generators each seed one child per draw, so an item's draws still do
@@ -283,12 +294,8 @@ def separate(denoiser, mixture, num_stems: int, config, likelihood: str = "dirac
         generator = draw_generators(generator, samples, b)
         mixture = mixture.repeat(samples, 1, 1)
         init = init.repeat(samples, 1, 1) if init is not None else None
-    if likelihood == "dirac":
-        derivative, finalize = dirac_likelihood(denoiser, mixture, constrained % num_stems)
-    elif likelihood == "dirac_sym":
-        derivative, finalize = dirac_sym_likelihood(denoiser, mixture)
-    else:
-        derivative, finalize = gaussian_likelihood(denoiser, mixture, gamma)
+    derivative, finalize = likelihood_task(denoiser, mixture, num_stems, likelihood, constrained,
+                                           gamma)
     if cfg.solver == "consistency":  # a distilled student: jumps to the clean stems
         derivative = jump_derivative(consistency_function(denoiser, finalize))
     randn_like = make_randn_like(generator)

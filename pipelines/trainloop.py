@@ -25,9 +25,10 @@ from .tracking import TrainLogger
 CSV_FIELDS = ["step", "loss", "val_loss", "samples_per_s", "data_wait", "lr", "elapsed_s"]
 
 
-def _restore(cfg, model, ema, opt, opts, device, target=None):
-    """Resume from Ray's latest checkpoint, else warm-start weights (a distillation starts from
-    the teacher's); returns (step, history). `target`: a distillation's EMA target network."""
+def _restore(cfg, model, ema, opt, opts, device, target=None, teacher=None):
+    """Resume from Ray's latest checkpoint, else start from the --warm-start weights or, for a
+    distillation, the `teacher`'s; returns (step, history). `target`: a distillation's EMA
+    target network."""
     import ray.train  # [ray]
 
     ckpt = ray.train.get_checkpoint()  # [ray] set on retry or when the run folder has one
@@ -40,10 +41,11 @@ def _restore(cfg, model, ema, opt, opts, device, target=None):
         if target is not None:
             target.load_state_dict(state["extra"]["target"])
         return state["step"], list(state["extra"].get("history", []))
-    start = opts.get("teacher") or opts.get("warm_start")
-    if start:
-        state = load_state(io.BytesIO(storage.read_bytes(start)), device)
+    weights = teacher.state_dict() if teacher is not None else None
+    if weights is None and opts.get("warm_start"):
+        state = load_state(io.BytesIO(storage.read_bytes(opts["warm_start"])), device)
         weights = state["ema"] if state.get("ema") is not None else state["model"]
+    if weights is not None:
         for m in (model, ema, target):
             if m is not None:
                 m.load_state_dict(weights)
@@ -104,9 +106,8 @@ def train_loop_per_worker(config: dict) -> None:
         compile_model(denoiser)
     opt = make_optimizer(denoiser, cfg)
     teacher = _teacher(opts["teacher"], device) if opts.get("teacher") else None
-    target = make_target(denoiser, cfg) if teacher is not None else None
-    own_target = target if target is not None and target is not denoiser else None
-    step, history = _restore(cfg, denoiser, ema, opt, opts, device, own_target)
+    target = make_target(denoiser, cfg) if teacher is not None else None  # None: the student
+    step, history = _restore(cfg, denoiser, ema, opt, opts, device, target, teacher)
     model = prepare_model(denoiser)  # [ray] DDP (gloo on CPU, nccl on GPU) when world > 1
     # a copy: the object store's array is read-only
     val_x = torch.tensor(ray.get(opts["val_ref"]), device=device) if rank == 0 else None  # [ray]
@@ -161,7 +162,7 @@ def train_loop_per_worker(config: dict) -> None:
                           f"ETA {_clock(eta)}", flush=True)
                 last_log, waited, samples = now, 0.0, 0
             if step % cfg.train.checkpoint_every == 0 or done:
-                _checkpoint(cfg, denoiser, ema, opt, step, history, val, opts, rank, own_target)
+                _checkpoint(cfg, denoiser, ema, opt, step, history, val, opts, rank, target)
             if done:
                 break
             t_wait = time.time()
