@@ -36,7 +36,7 @@ from .diffusion import ema_update
 from .metrics import si_sdri
 from .sampling import SamplerConfig, get_sigmas_karras
 from .tasks import consistency_function, item_generators, likelihood_task, separate
-from .training import autocast, ema_decay_at, lr_at
+from .training import apply_gradients, autocast, lr_at
 
 SUMMING = ("dirac", "dirac_sym")  # likelihoods whose stems sum exactly to the mixture
 ACTIVE_RMS = 1e-3  # validation: a chunk's stem counts when its RMS is above this
@@ -144,17 +144,10 @@ def distill_step(student: nn.Module, target: nn.Module | None, teacher: nn.Modul
     with autocast(x0.device, cfg.train.bf16):
         loss, parts = consistency_loss(student, module if target is None else target, teacher,
                                        x0, cfg, generator)
-        loss = loss.mean()
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if cfg.train.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.train.grad_clip)
-    optimizer.step()
+    loss = apply_gradients(student, loss.mean(), optimizer, cfg, ema, step)
     if target is not None:
         ema_update(target, module, cfg.distill.target_decay)
-    if ema is not None:
-        ema_update(ema, module, ema_decay_at(step, cfg.train))
-    return loss.detach(), parts
+    return loss, parts
 
 
 def student_sampler(cfg: Config) -> SamplerConfig:

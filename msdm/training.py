@@ -81,13 +81,21 @@ def train_step(denoiser: nn.Module, x: torch.Tensor, optimizer: torch.optim.Opti
             sigma = sample_training_sigmas(x.shape[0], d.p_mean, d.p_std, generator)
             noise = torch.randn(x.shape, generator=generator).to(x.device)
             loss = edm_loss(denoiser, x, sigma.to(x.device), noise, d.sigma_data).mean()
+    return apply_gradients(denoiser, loss, optimizer, cfg, ema, step)
+
+
+def apply_gradients(model: nn.Module, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                    cfg: Config, ema: nn.Module | None = None, step: int = 0) -> torch.Tensor:
+    """Backward of the scalar `loss`, `train.grad_clip`, the optimizer step and the EMA update
+    at `step` (the end of every training step: train_step, msdm.distill.distill_step). `model`
+    may be DDP-wrapped. Returns the detached loss."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.train.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(denoiser.parameters(), cfg.train.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
     optimizer.step()
     if ema is not None:
-        ema_update(ema, getattr(denoiser, "module", denoiser), ema_decay_at(step, cfg.train))
+        ema_update(ema, getattr(model, "module", model), ema_decay_at(step, cfg.train))
     return loss.detach()
 
 
