@@ -117,6 +117,8 @@ def main(argv=None):
     ap.add_argument("--large", type=int, default=40000)
     ap.add_argument("--tracks-per-task", type=int, default=None,
                     help="the job's --tracks-per-task (default: the job's default)")
+    ap.add_argument("--task-cpus", type=float, default=None,
+                    help="the job's --task-cpus (default: the job's default)")
     ap.add_argument("--skip-memory", action="store_true", help="throughput only")
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="bench-render-"))
@@ -140,6 +142,8 @@ def main(argv=None):
         t0 = time.perf_counter()
         tpt = [] if args.tracks_per_task is None else ["--tracks-per-task",
                                                        str(args.tracks_per_task)]
+        if args.task_cpus is not None:
+            tpt += ["--task-cpus", str(args.task_cpus)]
         report = render.main(["--midi", str(midi), "--output", str(work / "job"),
                               "--sample-rate", str(args.sample_rate), *tpt])
         wall = time.perf_counter() - t0

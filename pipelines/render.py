@@ -31,6 +31,10 @@ from .soundfont import SoundFontError
 # sorted rows the driver numbers at a time: its memory is this batch, whatever the file count
 NUMBER_BATCH = 1024
 TOTALS = ("seconds", "cpu", "wall")  # summed over the render tasks' result rows
+# bench_render, 192 songs on 2 CPUs: 16 tracks per task rendered 15 % more audio per CPU-second
+# than 4 (Ray Data's cost per task: scheduling, the block's round trip, the worker's turn)
+MAX_TRACKS_PER_TASK = 16
+MAX_BLOCKS = 4096  # range blocks of the render stage (Ray Data's read tasks live on the driver)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,8 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longer files are reported, not rendered")
     p.add_argument("--max-instruments", type=int, default=d.max_instruments)
     p.add_argument("--limit", type=int, default=0, help="render the first N tracks only (0: all)")
-    p.add_argument("--tracks-per-task", type=int, default=4,
-                   help="tracks per Ray task (fewer tasks: less scheduling per track)")
+    p.add_argument("--tracks-per-task", type=int, default=0,
+                   help="tracks per Ray task; 0 (default): as many as keeps 4 tasks per "
+                        f"cluster CPU, at most {MAX_TRACKS_PER_TASK} (fewer, larger tasks: less "
+                        "of Ray's time per track; bench_render)")
+    p.add_argument("--task-cpus", type=float, default=1.0,
+                   help="CPUs Ray reserves per render task (below 1: more tasks than CPUs, "
+                        "which fills the CPUs while tasks start, wait or write)")
     g = p.add_argument_group("cluster")
     g.add_argument("--address", default=None,
                    help="Ray cluster address (default: RAY_ADDRESS, else a new local cluster)")
@@ -83,8 +92,9 @@ def number_tracks(ray, args, index_uri: str) -> rs.Numbering:
         if rows["md5"]:
             buf = pa.BufferOutputStream()
             pq.write_table(pa.table(rows), buf)
-            storage.write_bytes(storage.join(index_uri, f"part-{part:05d}.parquet"),
-                                buf.getvalue().to_pybytes())
+            name = f"part-{part:05d}.parquet"
+            storage.write_bytes(storage.join(index_uri, name), buf.getvalue().to_pybytes())
+            numbering.parts.append((name, len(rows["md5"])))
     return numbering
 
 
@@ -102,19 +112,31 @@ def check_output(args, run: dict) -> None:
                          f"{', '.join(diff)} ({uri}); render into a new --output")
 
 
-def render(ray, args, index_uri: str, total: int, opts: dict) -> tuple:
+def tracks_per_task(ray, asked: int, total: int) -> int:
+    """`asked`, or (0) enough tracks per task to keep ~4 tasks per cluster CPU for load balance,
+    at most MAX_TRACKS_PER_TASK, so a large job pays Ray's cost per task on few tasks."""
+    if asked > 0:
+        return asked
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return max(1, min(MAX_TRACKS_PER_TASK, total // (4 * cpus)))
+
+
+def render(ray, args, index_uri: str, parts: list, total: int, opts: dict) -> tuple:
     """Render every index row; print progress. Returns (report rows, counts by status, totals:
     audio seconds and the CPU and wall seconds spent rendering tracks in the tasks)."""
-    fs, path = storage.pyarrow_fs(index_uri)
-    ds = ray.data.read_parquet(path, filesystem=fs)
     if args.limit > 0:
-        ds = ds.limit(args.limit)
         total = min(total, args.limit)
-    kwargs = {"output": args.output, "midi_root": args.midi, **opts}
-    # one block per task's tracks: a read index file is one block, which one task would render
-    ds = ds.repartition(target_num_rows_per_block=max(1, args.tracks_per_task))
-    ds = ds.map_batches(rs.render_batch, batch_size=max(1, args.tracks_per_task),
-                        fn_kwargs=kwargs, batch_format="numpy")
+    per_task = tracks_per_task(ray, args.tracks_per_task, total)
+    slices = -(-total // per_task)
+    log(f"  rendering {total} tracks, {per_task} per task")
+    # a range of slice numbers, one block each (at most MAX_BLOCKS: then a task renders several
+    # slices): each task reads its own rows of the index, so the render starts with no read or
+    # repartition stage, and the driver holds the part list only
+    ds = ray.data.range(slices, override_num_blocks=min(slices, MAX_BLOCKS))
+    kwargs = {"index_uri": index_uri, "parts": parts, "per_task": per_task, "total": total,
+              "output": args.output, "midi_root": args.midi, **opts}
+    ds = ds.map_batches(rs.render_slices, batch_size=1, fn_kwargs=kwargs, batch_format="numpy",
+                        num_cpus=args.task_cpus)
     rows, counts, t0, shown = [], {}, time.time(), 0.0
     totals = dict.fromkeys(TOTALS, 0.0)
     for row in ds.iter_rows():
@@ -171,7 +193,7 @@ def main(argv=None) -> dict:
     if numbering.count:
         write_json(storage.join(args.output, "_render.json"), run)
         rows, counts, totals = render(ray, args, storage.join(args.output, "_index"),
-                                      numbering.count, opts)
+                                      numbering.parts, numbering.count, opts)
     audio = totals["seconds"]
     report = {"midi": args.midi, "output": args.output, "files": numbering.files,
               "tracks": numbering.count, "counts": counts, "audio_hours": audio / 3600,

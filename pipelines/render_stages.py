@@ -2,12 +2,14 @@
 
 listing units (top-level folders) -> walk (paths, streamed in batches) -> hash (content md5) ->
 sort by md5 on the cluster -> `Numbering` on the driver (track numbers, duplicates, the index,
-one batch at a time) -> render (one track per row, written complete or not at all).
+one batch at a time) -> render (slices of the index, one track per row, each written complete or
+not at all).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import posixpath
 import tempfile
@@ -79,12 +81,14 @@ def hash_batch(batch: dict) -> dict:
 class Numbering:
     """Driver side, fed md5-sorted batches: Slakh track numbers in content order (so a re-run of
     the same files numbers them the same), the first path of identical contents is the source,
-    the others are duplicate rows. Holds one batch and the fingerprint, never the listing."""
+    the others are duplicate rows. Holds one batch, the fingerprint and the list of index parts
+    (one per 1,024 files), never the listing."""
 
     def __init__(self):
         self.count, self.files, self.previous = 0, 0, None
         self.fingerprint = hashlib.sha256()
         self.rows: list[dict] = []  # report rows: unreadable files and duplicates
+        self.parts: list[tuple[str, int]] = []  # the index's part files and their row counts
 
     def add(self, batch: dict) -> dict:
         """One sorted batch -> the index rows of its new (unique) contents."""
@@ -151,6 +155,39 @@ def load_soundfonts(specs) -> list[SoundFont]:
             fonts.append(SoundFont(path))
         _FONTS[key] = fonts
     return _FONTS[key]
+
+
+def index_rows(index_uri: str, parts, lo: int, hi: int) -> dict:
+    """Rows lo..hi-1 (track order) of the index, whose part files `parts` = [(name, rows)] hold
+    it in order: only the parts that overlap the range are read."""
+    import pyarrow.parquet as pq
+
+    cols: dict[str, list] = {"md5": [], "source": [], "track": []}
+    start = 0
+    for name, rows in parts:
+        if start >= hi:
+            break
+        if start + rows > lo:
+            table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(index_uri, name))),
+                                  columns=list(cols))
+            a, b = max(lo - start, 0), min(hi - start, rows)
+            for key in cols:
+                cols[key] += table.column(key).to_pylist()[a:b]
+        start += rows
+    return {k: np.array(v, dtype=object) for k, v in cols.items()}
+
+
+def render_slices(batch: dict, *, index_uri: str, parts, per_task: int, total: int,
+                  **render_kwargs) -> dict:
+    """Range UDF: slice i is index rows [i * per_task, (i + 1) * per_task), read by the task
+    itself (no index rows pass through the driver or between tasks), rendered by
+    `render_batch`. Returns their result rows."""
+    outs = []
+    for i in batch["id"]:
+        lo = int(i) * per_task
+        outs.append(render_batch(index_rows(index_uri, parts, lo, min(total, lo + per_task)),
+                                 **render_kwargs))
+    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
 
 def render_batch(batch: dict, *, output: str, midi_root: str, soundfonts: list[str], seed: int,

@@ -351,6 +351,14 @@ def test_render_is_deterministic_and_the_seed_draws_each_stems_soundfont(ray_loc
         _run(midi, tmp_path / "a", *args, "--seed", "3")
 
 
+def test_tracks_per_task_keeps_every_cpu_busy_then_grows_to_its_cap(ray_local):
+    cpus = int(ray_local.cluster_resources()["CPU"])
+    assert render.tracks_per_task(ray_local, 3, 10_000) == 3  # asked for: as asked
+    assert render.tracks_per_task(ray_local, 0, 6) == 1  # fewer tracks than 4 tasks per CPU
+    assert render.tracks_per_task(ray_local, 0, 4 * cpus * 5) == 5  # 4 tasks per CPU
+    assert render.tracks_per_task(ray_local, 0, 176_581) == render.MAX_TRACKS_PER_TASK
+
+
 @pytest.mark.slow(seconds=60)
 def test_a_killed_render_resumes_and_skips_finished_tracks(ray_local, tmp_path):
     songs = {f"s{i}.mid": midi_file(notes(0, 33 + i, [40 + i, 43, 45], step=0.5),
