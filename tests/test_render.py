@@ -351,6 +351,25 @@ def test_render_is_deterministic_and_the_seed_draws_each_stems_soundfont(ray_loc
         _run(midi, tmp_path / "a", *args, "--seed", "3")
 
 
+def test_a_slice_of_the_index_reads_across_its_part_files(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.render_stages import index_rows
+
+    parts, n = [], 0
+    for part, rows in enumerate((3, 2, 4)):  # tracks 0-2, 3-4, 5-8
+        ids = [f"t{n + k}" for k in range(rows)]
+        pq.write_table(pa.table({"md5": ids, "source": ids, "track": ids, "split": ids}),
+                       tmp_path / f"part-{part:05d}.parquet")
+        parts.append((f"part-{part:05d}.parquet", rows))
+        n += rows
+    assert list(index_rows(str(tmp_path), parts, 2, 7)["track"]) == ["t2", "t3", "t4", "t5", "t6"]
+    assert list(index_rows(str(tmp_path), parts, 8, 9)["source"]) == ["t8"]
+    (tmp_path / "part-00000.parquet").unlink()  # a slice reads only the parts it overlaps
+    assert list(index_rows(str(tmp_path), parts, 3, 5)["md5"]) == ["t3", "t4"]
+
+
 def test_tracks_per_task_keeps_every_cpu_busy_then_grows_to_its_cap(ray_local):
     cpus = int(ray_local.cluster_resources()["CPU"])
     assert render.tracks_per_task(ray_local, 3, 10_000) == 3  # asked for: as asked
