@@ -140,12 +140,11 @@ def main(argv=None):
         composed(warm, 2, 4.0)
         render.main(["--midi", str(warm), "--output", str(work / "warm-out")])
         t0 = time.perf_counter()
-        tpt = [] if args.tracks_per_task is None else ["--tracks-per-task",
-                                                       str(args.tracks_per_task)]
-        if args.task_cpus is not None:
-            tpt += ["--task-cpus", str(args.task_cpus)]
+        job_options = [a for flag, value in (("--tracks-per-task", args.tracks_per_task),
+                                             ("--task-cpus", args.task_cpus))
+                       if value is not None for a in (flag, str(value))]
         report = render.main(["--midi", str(midi), "--output", str(work / "job"),
-                              "--sample-rate", str(args.sample_rate), *tpt])
+                              "--sample-rate", str(args.sample_rate), *job_options])
         wall = time.perf_counter() - t0
         audio_job = report["audio_hours"] * 3600
         ours = audio_job / (wall * args.cpus)
